@@ -1,0 +1,3 @@
+"""ratplus-mega: a pretraining stack for RAT+ language models."""
+
+__version__ = "0.1.0"

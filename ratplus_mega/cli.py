@@ -1,0 +1,80 @@
+"""``ratplus`` command line: one subcommand per job, each a thin wrapper over a library function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+
+
+def _parse_pattern(text: str) -> tuple[int, int, int]:
+    try:
+        dilation, window, sinks = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected D,W,P (three integers), got {text!r}") from None
+    from .config.schema import PatternConfig
+
+    try:
+        PatternConfig(dilation=dilation, window=window, sinks=sinks)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return dilation, window, sinks
+
+
+def _format_pattern(pattern: tuple[int, int, int]) -> str:
+    dilation, window, sinks = pattern
+    return "dense" if dilation == 1 else f"D={dilation} W={window} P={sinks}"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .accounting import DENSE, cache_bytes, flops_per_token, parameter_count
+    from .config.load import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    m = cfg.model
+    configured = m.layer_patterns()
+    rows = [("dense", [DENSE] * m.num_layers)]
+    if not m.pattern.is_dense:
+        uniform = len(set(configured)) == 1
+        rows.append((_format_pattern(configured[0]) if uniform else "per-layer", configured))
+    rows += [(_format_pattern(p), [p] * m.num_layers) for p in args.pattern]
+    print(f"model: {m.num_layers} layers x {m.hidden_size} ({m.num_heads} heads of {m.head_dim}), "
+          f"FFN {m.ffn_hidden_size}, vocab {m.vocab_size}, seq {m.seq_len}, "
+          f"{'RAT+' if m.apply_recurrence else 'gated attention (no recurrence)'}")
+    print(f"parameters: {parameter_count(m)}")
+    dense_flops, dense_cache = flops_per_token(m), cache_bytes(m, patterns=rows[0][1])
+    print(f"\n{'pattern':<22}{'fwd FLOPs/token':>18}{'vs dense':>10}{'cache bytes/seq':>18}{'vs dense':>10}")
+    for name, patterns in rows:
+        flops, cache = flops_per_token(m, patterns), cache_bytes(m, patterns=patterns)
+        print(f"{name:<22}{flops:>18}{flops / dense_flops:>10.3f}{cache:>18}{cache / dense_cache:>10.3f}")
+    print(f"\nFLOPs at seq {m.seq_len}, forward only (training is 3x); decode cache for one {m.seq_len}-token "
+          "sequence: bf16 keys/values plus the fp32 recurrence state (docs/flops.md).")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ratplus", description="RAT+ pretraining stack")
+    parser.add_argument("--version", action="version", version=f"ratplus-mega {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="parameters, FLOPs per token and decode-cache size of a config")
+    info.add_argument("--config", required=True, help="a model preset or run config (YAML)")
+    info.add_argument("--pattern", type=_parse_pattern, action="append", default=[], metavar="D,W,P",
+                      help="also report this sparse pattern (repeatable)")
+    info.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:  # config and input errors: one clear line, no traceback
+        print(f"ratplus {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

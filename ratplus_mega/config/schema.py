@@ -1,0 +1,275 @@
+"""Typed run configuration: one keyword-only dataclass per concern.
+
+Each dataclass checks its own fields in ``__post_init__``; rules that span sections live in
+``RunConfig.validate``. Every error is a :class:`ConfigError` that names the dotted key and the rule, so
+the loader can add the file and line the value came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+IntOrList = Union[int, list[int]]
+
+
+class ConfigError(ValueError):
+    """A configuration value broke a rule. ``key`` is the dotted path of the offending value."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        self.message = message
+        super().__init__(f"{key}: {message}")
+
+
+def _per_layer(key: str, value: IntOrList, num_layers: int) -> list[int]:
+    if isinstance(value, list):
+        if len(value) != num_layers:
+            raise ConfigError(key, f"a per-layer list needs one entry per layer ({num_layers}), got {len(value)}")
+        return list(value)
+    return [value] * num_layers
+
+
+@dataclass(kw_only=True)
+class PatternConfig:
+    """The sparse attention pattern (D, W, P) of RATPLUS_SPEC.md §1.3, an int or one entry per layer.
+
+    A query at q sees keys k <= q with q - k <= W (window, inclusive), or k < P (sinks), or
+    (k + 1) % D == 0 (grid). D = 1 is dense; D = -1 has no grid (window and sinks only).
+    """
+
+    dilation: IntOrList = 1
+    """D: grid stride, >= 1, or -1 for no grid."""
+    window: IntOrList = 0
+    """W: local window; a query sees itself and the W tokens before it."""
+    sinks: IntOrList = 0
+    """P: the first P positions are visible to every query."""
+
+    def __post_init__(self):
+        for name in ("dilation", "window", "sinks"):
+            values = getattr(self, name)
+            for i, v in enumerate(values if isinstance(values, list) else [values]):
+                key = f"{name}[{i}]" if isinstance(values, list) else name
+                if name == "dilation" and not (v >= 1 or v == -1):
+                    raise ConfigError(key, f"dilation must be >= 1 or -1 (no grid), got {v}")
+                if name != "dilation" and v < 0:
+                    raise ConfigError(key, f"{name} must be >= 0, got {v}")
+
+    def per_layer(self, num_layers: int) -> list[tuple[int, int, int]]:
+        """``[(D, W, P)]`` for each layer; raises if a list has the wrong length."""
+        d = _per_layer("dilation", self.dilation, num_layers)
+        w = _per_layer("window", self.window, num_layers)
+        p = _per_layer("sinks", self.sinks, num_layers)
+        return list(zip(d, w, p))
+
+    @property
+    def is_dense(self) -> bool:
+        values = self.dilation if isinstance(self.dilation, list) else [self.dilation]
+        return all(v == 1 for v in values)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Architecture of a RAT+ language model (RATPLUS_SPEC.md §1, §6)."""
+
+    preset: str | None = None
+    """Name of a file in configs/model/ (or a path) whose ``model`` section these fields override."""
+    vocab_size: int = 32000
+    hidden_size: int = 2048
+    num_layers: int = 24
+    num_heads: int = 16
+    head_dim: int = 128
+    ffn_hidden_size: int | None = None
+    """GELU FFN width; defaults to 4 * hidden_size."""
+    seq_len: int = 4096
+    """Training window and the longest position the model is built for."""
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    apply_recurrence: bool = True
+    """False builds the gated-attention baseline (no forget gate, no scan)."""
+    eos_token_id: int = 2
+    pattern: PatternConfig = field(default_factory=PatternConfig)
+    """The configured sparse pattern ('sparse' attention mode)."""
+
+    def __post_init__(self):
+        if isinstance(self.pattern, dict):
+            self.pattern = PatternConfig(**self.pattern)
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.head_dim:
+            raise ConfigError(
+                "hidden_size",
+                f"must be divisible by head_dim ({self.head_dim}), got {self.hidden_size}",
+            )
+        if self.num_heads * self.head_dim != self.hidden_size:
+            raise ConfigError(
+                "num_heads",
+                f"num_heads * head_dim must equal hidden_size: {self.num_heads} * {self.head_dim} "
+                f"!= {self.hidden_size} (use num_heads={self.hidden_size // self.head_dim})",
+            )
+        if self.head_dim % 2:
+            raise ConfigError("head_dim", f"must be even for rotary embeddings, got {self.head_dim}")
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 4 * self.hidden_size
+        elif self.ffn_hidden_size < 1:
+            raise ConfigError("ffn_hidden_size", f"must be >= 1, got {self.ffn_hidden_size}")
+        if not 0 <= self.eos_token_id < self.vocab_size:
+            raise ConfigError("eos_token_id", f"must be a token id below vocab_size, got {self.eos_token_id}")
+        try:
+            self.layer_patterns()
+        except ConfigError as e:
+            raise ConfigError(f"pattern.{e.key}", e.message) from None
+
+    def layer_patterns(self) -> list[tuple[int, int, int]]:
+        """The configured ``(D, W, P)`` of each layer."""
+        return self.pattern.per_layer(self.num_layers)
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """How a run is laid out over ranks (DESIGN.md "Parallelism"); data parallel is what is left."""
+
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    context_parallel: int = 1
+    sequence_parallel: bool = False
+    """Megatron sequence parallel inside each tensor-parallel group."""
+    zero_stage: int = 1
+
+    def __post_init__(self):
+        for name in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError("zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.sequence_parallel and self.tensor_parallel == 1:
+            raise ConfigError("sequence_parallel", "needs tensor_parallel > 1")
+        if self.zero_stage == 3 and (self.tensor_parallel, self.pipeline_parallel, self.context_parallel) != (1, 1, 1):
+            raise ConfigError("zero_stage", "ZeRO-3 is supported only with tensor, pipeline and context parallel all 1")
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_parallel * self.pipeline_parallel * self.context_parallel
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where tokens come from (MDS datasets written by ``ratplus prep shards``)."""
+
+    train: list[str] = field(default_factory=list)
+    """MDS dataset folders (local paths or remote URLs) to train on."""
+    train_weights: list[float] | None = None
+    """Mixture weights, one per ``train`` entry; None samples in proportion to size."""
+    val: str | None = None
+    """MDS folder read exactly (no streaming padding) for validation."""
+    tokenizer: str | None = None
+    """The sentencepiece ``.model`` the shards were written with."""
+    sampler: Literal["ordered", "random_offset"] = "ordered"
+    """'ordered': shuffled fixed windows (pretraining); 'random_offset': windows at random offsets (adaptation)."""
+    shuffle_seed: int = 1005
+    num_canonical_nodes: int = 1
+    """Pinned so the sample order does not depend on the first run's node count."""
+    num_workers: int = 1
+
+    def __post_init__(self):
+        if self.train_weights is not None:
+            if len(self.train_weights) != len(self.train):
+                raise ConfigError(
+                    "train_weights", f"needs one weight per train entry ({len(self.train)}), got {len(self.train_weights)}"
+                )
+            if any(w <= 0 for w in self.train_weights):
+                raise ConfigError("train_weights", "weights must be > 0")
+        if self.num_canonical_nodes < 1:
+            raise ConfigError("num_canonical_nodes", f"must be >= 1, got {self.num_canonical_nodes}")
+        if self.num_workers < 0:
+            raise ConfigError("num_workers", f"must be >= 0, got {self.num_workers}")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Optimisation, schedule and bookkeeping of one training phase (RATPLUS_SPEC.md §2–§3)."""
+
+    phase: Literal["pretrain", "adapt"] = "pretrain"
+    joint: bool = False
+    """Active recurrence learning (spec §2.2): per global batch a step under the model's configured
+    pattern, then a dense step on the same micro-batches."""
+    init_from: str | None = None
+    """Adaptation: a training checkpoint or HF folder to take the weights from."""
+    micro_batch_size: int = 1
+    global_batch_size: int = 512
+    train_tokens: int = 110_000_000_000
+    """Token budget; the number of steps is train_tokens // (global_batch_size * seq_len)."""
+    lr: float = 8e-4
+    min_lr: float = 1e-6
+    warmup_fraction: float = 0.05
+    weight_decay: float = 0.1
+    decay_all_parameters: bool = True
+    """Weight decay on norms and embedding too, as the reference does (spec §8.17)."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    precision: Literal["bf16", "fp32"] = "bf16"
+    activation_checkpointing: bool = False
+    seed: int = 1005
+    log_interval: int = 10
+    eval_interval: int = 1000
+    eval_tokens: int = -1
+    """Validation tokens per evaluation; -1 reads the whole validation set."""
+    eval_patterns: list[PatternConfig] = field(default_factory=list)
+    """Sparse patterns validated besides dense attention (the configured one is always included)."""
+    save_interval: int = 1000
+    keep_last: int = 3
+    out_dir: str = "runs/default"
+    resume: Literal["auto", "never"] = "auto"
+
+    def __post_init__(self):
+        self.eval_patterns = [PatternConfig(**p) if isinstance(p, dict) else p for p in self.eval_patterns]
+        for name in ("micro_batch_size", "global_batch_size", "train_tokens", "log_interval", "eval_interval",
+                     "save_interval", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError("min_lr", f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError("warmup_fraction", f"must be in [0, 1), got {self.warmup_fraction}")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ConfigError("adam_betas", f"must be two numbers in [0, 1), got {self.adam_betas}")
+        if self.grad_clip <= 0:
+            raise ConfigError("grad_clip", f"must be > 0, got {self.grad_clip}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                "global_batch_size",
+                f"must be a multiple of micro_batch_size ({self.micro_batch_size}), got {self.global_batch_size}",
+            )
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """A whole run: the sections above, checked together by :meth:`validate`."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "RunConfig":
+        m, p, t = self.model, self.parallel, self.train
+        if m.num_heads % p.tensor_parallel:
+            raise ConfigError("parallel.tensor_parallel", f"must divide num_heads ({m.num_heads}), got {p.tensor_parallel}")
+        if m.num_layers % p.pipeline_parallel:
+            raise ConfigError(
+                "parallel.pipeline_parallel", f"must divide num_layers ({m.num_layers}), got {p.pipeline_parallel}"
+            )
+        if m.seq_len % p.context_parallel:
+            raise ConfigError("parallel.context_parallel", f"must divide seq_len ({m.seq_len}), got {p.context_parallel}")
+        if t.joint and m.pattern.is_dense:
+            raise ConfigError("train.joint", "joint training needs a sparse model.pattern (e.g. dilation: 64)")
+        for i, pattern in enumerate(t.eval_patterns):
+            key = f"train.eval_patterns[{i}]"
+            try:
+                pattern.per_layer(m.num_layers)
+            except ConfigError as e:
+                raise ConfigError(f"{key}.{e.key}", e.message) from None
+        return self

@@ -1,0 +1,545 @@
+"""RAT+ reference model: pure PyTorch, self-contained (it ships inside every exported checkpoint).
+
+RAT+ (arXiv 2602.18196) runs attention over keys and values that first pass through a full-sequence gated
+linear recurrence; the same model runs dense causal attention or the dilated sparse pattern (grid keys +
+local window + sink tokens) of RATPLUS_SPEC.md §1.3, and decodes with a compressed cache (§4.2) holding only
+the sinks, the window ring, the grid keys and the fp32 recurrence state.
+
+This file is the project's numerical truth: the training model, the fused kernels and every export are tested
+against it. It imports nothing from the training stack except, optionally, fused CUDA kernels for speed
+(``RATPLUS_DISABLE_KERNELS=1`` turns them off, as the tests do).
+
+Shapes: B batch, T time, H heads, K head dim, C channels; attention tensors are (B, H, T, K) like SDPA.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_ratplus import RatPlusConfig
+
+try:  # fused Triton kernels, present when this file runs inside the ratplus-mega package
+    from ratplus_mega import kernels as _kernels
+except ImportError:
+    _kernels = None
+
+Pattern = tuple[int, int, int]
+DENSE: Pattern = (1, 0, 0)
+
+
+def _fused(name: str, tensor: torch.Tensor):
+    if _kernels is None or not tensor.is_cuda or os.environ.get("RATPLUS_DISABLE_KERNELS", "0") == "1":
+        return None
+    return getattr(_kernels, name, None)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The gated linear recurrence (spec §1.2 step 5)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _shift(t: torch.Tensor, k: int, fill: float) -> torch.Tensor:
+    """``t`` moved k steps later along time (dim -2), the first k steps filled with ``fill``."""
+    return F.pad(t[..., :-k, :], (0, 0, k, 0), value=fill)
+
+
+def gated_scan(
+    gate: torch.Tensor, x: torch.Tensor, initial_state: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h_t = gate_t * h_{t-1} + (1 - gate_t) * x_t`` along time, in fp32.
+
+    Args:
+        gate: (..., T, C) in (0, 1), broadcastable to ``x`` (one gate may drive several sequences).
+        x: (..., T, C).
+        initial_state: (..., C) state before step 0, or None for zeros.
+    Returns:
+        ``h`` (..., T, C) in ``x.dtype`` and the final state (..., C) in fp32. Differentiable in all inputs.
+
+    A Hillis–Steele prefix scan over the pairs (a, b) with (a1, b1) ∘ (a2, b2) = (a2·a1, a2·b1 + b2): log2(T)
+    elementwise steps, no exp/log, so no overflow however long the memory.
+    """
+    a = gate.float()
+    b = (1 - a) * x.float()
+    step = 1
+    while step < b.shape[-2]:
+        b = b + a * _shift(b, step, 0.0)  # uses a before it is updated
+        a = a * _shift(a, step, 1.0)
+        step *= 2
+    if initial_state is not None:
+        b = b + a * initial_state.float().unsqueeze(-2)
+    return b.to(x.dtype), b[..., -1, :]
+
+
+def _recurrence(gate: torch.Tensor, k: torch.Tensor, v: torch.Tensor, initial_state=None):
+    """Scan keys and values with the same gate; returns k̃, ṽ (input dtype) and the (2, B, H, K) fp32 state."""
+    fused = _fused("gated_scan_kv", k)
+    if fused is not None:
+        return fused(gate, k, v, initial_state)
+    h, state = gated_scan(gate, torch.stack([k, v]), initial_state)
+    return h[0], h[1], state
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rotary embedding (spec §1.2 step 6)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def apply_rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate-half RoPE over the full head dim at absolute ``positions`` (T,); fp32 math, ``x.dtype`` result."""
+    head_dim = x.shape[-1]
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=x.device, dtype=torch.float32) / head_dim)
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)  # (T, K)
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (xf * angles.cos() + rotated * angles.sin()).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Attention (spec §1.3)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def grid_start(dilation: int, sinks: int) -> int:
+    """First grid position at or after the sinks: the smallest p >= P with (p + 1) % D == 0."""
+    return sinks + (dilation - 1 - sinks) % dilation
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dilation: int,
+    window: int,
+    sinks: int,
+    scale: float | None = None,
+    *,
+    q_offset: int = 0,
+    return_lse: bool = False,
+    block_size: int = 128,
+):
+    """Causal attention under the (D, W, P) pattern: a query at q sees keys k <= q with q - k <= W, or
+    k < P, or (k + 1) % D == 0. D = 1 is dense causal; D = -1 has no grid.
+
+    Args:
+        q: (B, H, Tq, K) at absolute positions ``q_offset .. q_offset + Tq - 1``.
+        k, v: (B, H, Tk, K) at positions ``0 .. Tk - 1``; Tk >= q_offset + Tq.
+    Returns:
+        out (B, H, Tq, K) in ``q.dtype``, and with ``return_lse`` the natural-log log-sum-exp of the scaled
+        scores (B, H, Tq) in fp32.
+
+    One exact softmax per block of queries over the concatenation of three disjoint key sets: sinks outside
+    the window, grid keys outside the window, and the window itself, so memory per block is
+    block · (P + Tk/D + block + W) instead of Tk².
+    """
+    tq, tk = q.shape[-2], k.shape[-2]
+    if tk < q_offset + tq:
+        raise ValueError(f"sparse_attention: {tk} keys cannot cover queries up to position {q_offset + tq - 1}")
+    if not (dilation >= 1 or dilation == -1) or window < 0 or sinks < 0:
+        raise ValueError(f"sparse_attention: bad pattern D={dilation} W={window} P={sinks}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if dilation == 1 and q_offset == 0 and tq == tk and not return_lse:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    grid = _grid_positions(dilation, sinks, tk, k.device)
+    outs, lses = [], []
+    for start in range(0, tq, block_size):
+        stop = min(start + block_size, tq)
+        out, lse = _attend_block(q[..., start:stop, :], k, v, q_offset + start, (dilation, window, sinks), grid,
+                                 scale)
+        outs.append(out)
+        lses.append(lse)
+    out = torch.cat(outs, dim=-2).to(q.dtype)
+    return (out, torch.cat(lses, dim=-1)) if return_lse else out
+
+
+def _grid_positions(dilation: int, sinks: int, length: int, device) -> torch.Tensor:
+    if dilation == -1:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    start = grid_start(dilation, sinks)
+    return torch.arange(start, max(start, length), dilation, device=device)
+
+
+def _attend_block(q, k, v, first: int, pattern: Pattern, grid: torch.Tensor, scale: float):
+    """Queries at positions first .. first + n - 1 against sinks, grid keys and their window."""
+    _, window, sinks = pattern
+    last = first + q.shape[-2] - 1
+    qpos = torch.arange(first, last + 1, device=q.device)[:, None]
+    lo = max(0, first - window)
+    sink_pos = torch.arange(min(sinks, last + 1), device=q.device)
+    grid_pos = grid[grid < last - window]
+    local_pos = torch.arange(lo, last + 1, device=q.device)
+    keys = torch.cat([k[..., :len(sink_pos), :], k[..., grid_pos, :], k[..., lo:last + 1, :]], dim=-2)
+    values = torch.cat([v[..., :len(sink_pos), :], v[..., grid_pos, :], v[..., lo:last + 1, :]], dim=-2)
+    # Sinks and grid keys count only outside the query's window, where the window part cannot see them.
+    allowed = torch.cat([
+        sink_pos[None, :] < qpos - window,
+        grid_pos[None, :] < qpos - window,
+        (local_pos[None, :] >= qpos - window) & (local_pos[None, :] <= qpos),
+    ], dim=-1)
+    scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None])
+    return torch.matmul(probs, values.float()), lse
+
+
+def attention(q, k, v, pattern: Pattern, scale: float | None = None):
+    """Training/prefill attention for queries and keys at positions 0 .. T - 1 (fused kernel on CUDA)."""
+    dilation, window, sinks = pattern
+    fused = _fused("sparse_attention", q)
+    if fused is not None:
+        return fused(q, k, v, dilation, window, sinks, scale)
+    return sparse_attention(q, k, v, dilation, window, sinks, scale)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Compressed decode cache (spec §4.2)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def cache_slots(pattern: Pattern, max_len: int) -> int:
+    """Key/value slots of one layer's cache for sequences of up to ``max_len`` tokens: sinks + window ring +
+    grid store; a dense layer keeps every position. The current token is attended to without being stored
+    first, so this is one slot fewer than spec §4.3's N."""
+    dilation, window, sinks = pattern
+    if dilation == 1:
+        return max_len
+    return sinks + window + (max_len // dilation if dilation > 1 else 0)
+
+
+class RatPlusLayerCache:
+    """One layer's decode cache. Positions p < P live in the sinks; later positions in a ring of W slots;
+    a position leaving the ring moves to the grid store if (p + 1) % D == 0 (with W = 0, grid positions go
+    there directly). Keys are stored after RoPE; the recurrence state (before RoPE) stays in fp32."""
+
+    def __init__(self, pattern: Pattern, *, batch_size: int, num_heads: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype, device, recurrence: bool):
+        dilation, window, sinks = pattern
+        if dilation == 1:  # a dense layer: every position is a "grid" position
+            window, sinks = 0, 0
+        self.dilation, self.window, self.sinks, self.max_len = dilation, window, sinks, max_len
+        grid = cache_slots((dilation, window, sinks), max_len) - sinks - window
+
+        def buffer(n):
+            return torch.zeros(2, batch_size, num_heads, n, head_dim, dtype=dtype, device=device)
+
+        self.sink_kv, self.ring_kv, self.grid_kv = buffer(sinks), buffer(window), buffer(grid)
+        self.state = (torch.zeros(2, batch_size, num_heads, head_dim, dtype=torch.float32, device=device)
+                      if recurrence else None)
+        self.length = 0  # positions seen
+        self.grid_len = 0
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.sink_kv, self.ring_kv, self.grid_kv, self.state) if t is not None]
+
+    def _is_grid(self, position: int) -> bool:
+        return self.dilation >= 1 and position >= self.sinks and (position + 1) % self.dilation == 0
+
+    def _grid_append(self, kv: torch.Tensor) -> None:
+        if self.grid_len >= self.grid_kv.shape[-2]:
+            raise ValueError(f"RAT+ decode cache is full ({self.max_len} positions); pass a larger max_cache_len")
+        self.grid_kv[..., self.grid_len, :] = kv
+        self.grid_len += 1
+
+    def keys_values(self) -> torch.Tensor:
+        """(2, B, H, n, K): every cached key/value visible to the next position (order is irrelevant)."""
+        ring = min(self.window, max(0, self.length - self.sinks))
+        return torch.cat([self.sink_kv[..., :min(self.sinks, self.length), :], self.ring_kv[..., :ring, :],
+                          self.grid_kv[..., :self.grid_len, :]], dim=-2)
+
+    def append(self, kv: torch.Tensor) -> None:
+        """Store position ``self.length`` (kv: (2, B, H, K), after RoPE)."""
+        t = self.length
+        if t >= self.max_len:
+            raise ValueError(f"RAT+ decode cache is full ({self.max_len} positions); pass a larger max_cache_len")
+        if t < self.sinks:
+            self.sink_kv[..., t, :] = kv
+        elif self.window > 0:
+            slot = (t - self.sinks) % self.window
+            leaving = t - self.window
+            if leaving >= self.sinks and self._is_grid(leaving):
+                self._grid_append(self.ring_kv[..., slot, :])
+            self.ring_kv[..., slot, :] = kv
+        elif self._is_grid(t):
+            self._grid_append(kv)
+        self.length += 1
+
+    def prefill(self, kv: torch.Tensor, state: torch.Tensor | None) -> None:
+        """Store a whole prompt at once (kv: (2, B, H, T, K)); equivalent to ``append`` at every position."""
+        n = kv.shape[-2]
+        if self.length or n > self.max_len:
+            raise ValueError(f"RAT+ decode cache: cannot prefill {n} tokens (holds {self.max_len}, has {self.length})")
+        num_sinks = min(self.sinks, n)
+        self.sink_kv[..., :num_sinks, :] = kv[..., :num_sinks, :]
+        if self.window > 0:
+            ring_pos = torch.arange(max(self.sinks, n - self.window), n, device=kv.device)
+            self.ring_kv[..., (ring_pos - self.sinks) % self.window, :] = kv[..., ring_pos, :]
+        if self.dilation >= 1:
+            grid_pos = _grid_positions(self.dilation, self.sinks, n - self.window, kv.device)
+            if len(grid_pos) > self.grid_kv.shape[-2]:
+                raise ValueError("RAT+ decode cache is full; pass a larger max_cache_len")
+            self.grid_kv[..., :len(grid_pos), :] = kv[..., grid_pos, :]
+            self.grid_len = len(grid_pos)
+        if state is not None:
+            self.state.copy_(state)
+        self.length = n
+
+    def reorder(self, index: torch.Tensor) -> None:
+        for name in ("sink_kv", "ring_kv", "grid_kv"):
+            setattr(self, name, getattr(self, name).index_select(1, index))
+        if self.state is not None:
+            self.state = self.state.index_select(1, index)
+
+
+class RatPlusCache:
+    """The per-layer compressed caches of one generation (all rows share one length: no padding)."""
+
+    def __init__(self, layers: list[RatPlusLayerCache], attention_mode: str):
+        self.layers = layers
+        self.attention_mode = attention_mode
+
+    @property
+    def seen_tokens(self) -> int:
+        return self.layers[0].length
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.reorder(beam_idx)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------------------------
+
+
+class RatPlusRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class RatPlusMixer(nn.Module):
+    """Temporal mixing: fused [o|q|k|v|g] projection → gated scan of k, v → RoPE → attention → output gate."""
+
+    def __init__(self, config: RatPlusConfig, layer_idx: int):
+        super().__init__()
+        d = config.hidden_size
+        self.num_heads, self.head_dim, self.hidden_size = config.num_attention_heads, config.head_dim, d
+        self.recurrence = config.apply_recurrence
+        self.rope_theta = config.rope_theta
+        self.pattern = config.layer_patterns()[layer_idx]
+        self.in_proj = nn.Linear(d, (5 if self.recurrence else 4) * d, bias=False)
+        self.out_proj = nn.Linear(d, d, bias=False)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:  # (B, T, H*K) -> (B, H, T, K)
+        return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def _project(self, u: torch.Tensor):
+        o, q, k, v, *g = self.in_proj(u).split(self.hidden_size, dim=-1)
+        gate = torch.sigmoid(self._heads(g[0]).float()) if g else None
+        return o, self._heads(q), self._heads(k), self._heads(v), gate
+
+    def _output(self, a: torch.Tensor, o: torch.Tensor) -> torch.Tensor:  # a: (B, H, T, K)
+        return self.out_proj(a.transpose(1, 2).flatten(2) * torch.sigmoid(o))
+
+    def forward(self, u, *, attention_mode: str = "sparse", cache: RatPlusLayerCache | None = None):
+        """u: (B, T, d) normed input. With a cache holding earlier positions, decodes one position."""
+        if cache is not None and cache.length:
+            return self.step(u, cache)
+        o, q, k, v, gate = self._project(u)
+        state = None
+        if gate is not None:
+            k, v, state = _recurrence(gate, k, v)
+        positions = torch.arange(u.shape[1], device=u.device)
+        q, k = apply_rotary(q, positions, self.rope_theta), apply_rotary(k, positions, self.rope_theta)
+        a = attention(q, k, v, DENSE if attention_mode == "dense" else self.pattern)
+        if cache is not None:
+            cache.prefill(torch.stack([k, v]), state)
+        return self._output(a, o)
+
+    def step(self, u: torch.Tensor, cache: RatPlusLayerCache) -> torch.Tensor:
+        """Decode one position (u: (B, 1, d)) against the cache, then store it (spec §4.2)."""
+        o, q, k, v, gate = self._project(u)
+        position = torch.tensor([cache.length], device=u.device)
+        if gate is not None:
+            cache.state = gate[:, :, 0] * cache.state + (1 - gate[:, :, 0]) * torch.stack([k, v])[:, :, :, 0].float()
+            k, v = (cache.state[i, :, :, None].to(k.dtype) for i in range(2))
+        q, k = apply_rotary(q, position, self.rope_theta), apply_rotary(k, position, self.rope_theta)
+        kv = torch.cat([cache.keys_values(), torch.stack([k, v])], dim=-2)
+        a = F.scaled_dot_product_attention(q, kv[0], kv[1])
+        cache.append(torch.stack([k, v])[..., 0, :])
+        return self._output(a, o)
+
+
+class RatPlusMLP(nn.Module):
+    def __init__(self, config: RatPlusConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class RatPlusBlock(nn.Module):
+    def __init__(self, config: RatPlusConfig, layer_idx: int):
+        super().__init__()
+        self.input_norm = RatPlusRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mixer = RatPlusMixer(config, layer_idx)
+        self.ffn_norm = RatPlusRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.ffn = RatPlusMLP(config)
+
+    def forward(self, x, *, attention_mode: str = "sparse", cache: RatPlusLayerCache | None = None):
+        x = x + self.mixer(self.input_norm(x), attention_mode=attention_mode, cache=cache)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class RatPlusPreTrainedModel(PreTrainedModel):
+    config_class = RatPlusConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["RatPlusBlock"]
+    _is_stateful = True  # generate() must not build a KV cache of its own: the model brings its compressed one
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(0.0, self.config.initializer_range)
+        elif isinstance(module, RatPlusRMSNorm):
+            module.weight.data.fill_(1.0)
+
+
+class RatPlusModel(RatPlusPreTrainedModel):
+    def __init__(self, config: RatPlusConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(RatPlusBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RatPlusRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
+
+    def forward(self, input_ids: torch.Tensor, *, attention_mode: str = "sparse", cache: RatPlusCache | None = None):
+        x = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, attention_mode=attention_mode, cache=None if cache is None else cache.layers[i])
+        return self.norm(x)
+
+
+def _tied_keys():
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    return {"lm_head.weight": "model.embed_tokens.weight"} if major >= 5 else ["lm_head.weight"]
+
+
+class RatPlusForCausalLM(RatPlusPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = _tied_keys()
+
+    def __init__(self, config: RatPlusConfig):
+        super().__init__(config)
+        self.model = RatPlusModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def layer_patterns(self, attention_mode: str = "sparse") -> list[Pattern]:
+        _check_mode(attention_mode)
+        n = self.config.num_hidden_layers
+        return [DENSE] * n if attention_mode == "dense" else self.config.layer_patterns()
+
+    def new_cache(self, batch_size: int, max_cache_len: int | None = None, attention_mode: str = "sparse"):
+        """An empty compressed cache for ``batch_size`` sequences of up to ``max_cache_len`` tokens."""
+        c, param = self.config, self.lm_head.weight
+        max_len = max_cache_len or c.max_position_embeddings
+        return RatPlusCache([
+            RatPlusLayerCache(p, batch_size=batch_size, num_heads=c.num_attention_heads, head_dim=c.head_dim,
+                              max_len=max_len, dtype=param.dtype, device=param.device, recurrence=c.apply_recurrence)
+            for p in self.layer_patterns(attention_mode)
+        ], attention_mode)
+
+    def cache_nbytes(self, seq_len: int, batch_size: int = 1, attention_mode: str = "sparse") -> int:
+        """Bytes ``new_cache(batch_size, seq_len)`` allocates; needs no weights (works on the meta device)."""
+        c = self.config
+        kv_bytes = self.lm_head.weight.element_size()
+        state = 2 * 4 * c.hidden_size if c.apply_recurrence else 0
+        per_seq = sum(2 * kv_bytes * c.hidden_size * cache_slots(p, seq_len) + state
+                      for p in self.layer_patterns(attention_mode))
+        return batch_size * per_seq
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        past_key_values: RatPlusCache | None = None,
+        use_cache: bool | None = None,
+        attention_mode: str = "sparse",
+        max_cache_len: int | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits (B, T, V) in fp32; ``labels`` (B, T) give the next-token loss (shifted inside,
+        ``-100`` ignored). ``attention_mode``: "sparse" runs the configured pattern, "dense" dense causal.
+        ``use_cache`` returns the compressed cache in ``past_key_values``; with a cache that already holds
+        positions, ``input_ids`` are the new tokens only."""
+        _check_mode(attention_mode)
+        _refuse_padding(attention_mask)
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = self.new_cache(input_ids.shape[0], max_cache_len, attention_mode)
+        if cache is not None and cache.attention_mode != attention_mode:
+            raise ValueError(f"the cache was built for attention_mode={cache.attention_mode!r}, not {attention_mode!r}")
+        if cache is not None and cache.seen_tokens:
+            hidden = torch.cat([self.model(input_ids[:, i:i + 1], attention_mode=attention_mode, cache=cache)
+                                for i in range(input_ids.shape[1])], dim=1)
+        else:
+            hidden = self.model(input_ids, attention_mode=attention_mode, cache=cache)
+        logits = self.lm_head(hidden).float()
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, use_cache=True,
+                                      **kwargs):
+        if past_key_values is not None and past_key_values.seen_tokens:
+            input_ids = input_ids[:, past_key_values.seen_tokens:]
+        kwargs = {k: v for k, v in kwargs.items() if k in ("attention_mode", "max_cache_len")}
+        return {"input_ids": input_ids, "past_key_values": past_key_values, "attention_mask": attention_mask,
+                "use_cache": use_cache, **kwargs}
+
+
+def _check_mode(attention_mode: str) -> None:
+    if attention_mode not in ("sparse", "dense"):
+        raise ValueError(f"attention_mode must be 'sparse' or 'dense', got {attention_mode!r}")
+
+
+def _refuse_padding(attention_mask: torch.Tensor | None) -> None:
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError(
+            "RAT+ does not support padded batches: the recurrence never resets and positions are absolute, so "
+            "padding would leak into every later token. Batch prompts of equal length or generate one at a time."
+        )
