@@ -1,0 +1,113 @@
+"""The RAT+ language model for training: vocab-parallel embedding, a stage's blocks, norm, tied head, loss.
+
+One class serves every layout. A pipeline stage holds the blocks ``[first_layer, first_layer + n)``; the
+first stage owns the embedding (pre-process), the last the final norm, head and loss (post-process). With
+more than one stage the last holds a copy of the embedding for the tied head (``output_weight``), kept equal
+to the first stage's by summing their gradients (``parallel/pipeline.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from megatron.core import tensor_parallel as mc_tp
+from megatron.core.enums import ModelType
+
+from ..config.schema import ModelConfig
+from ..parallel.context import ParallelContext
+from .block import ParallelBlock, ParallelRMSNorm
+from .mixer import no_init
+
+IGNORE_INDEX = -100
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """The embedding rows allocated: the vocabulary rounded up to a multiple of the TP size."""
+    return -(-vocab_size // tp) * tp
+
+
+class RatPlusLM(nn.Module):
+    def __init__(self, m: ModelConfig, ctx: ParallelContext, *, params_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if m.num_layers % ctx.pp or m.num_heads % ctx.tp:
+            raise ValueError(f"{m.num_layers} layers / {m.num_heads} heads do not split over PP={ctx.pp}, TP={ctx.tp}")
+        self.model_config, self.ctx = m, ctx
+        self.config = ctx.megatron_config(params_dtype)  # read by megatron-core's pipeline schedules
+        self.model_type = ModelType.encoder_or_decoder
+        self.pre_process, self.post_process = ctx.is_first_stage, ctx.is_last_stage
+        per_stage = m.num_layers // ctx.pp
+        self.first_layer = ctx.pp_rank * per_stage
+        self.vocab_size, self.padded_vocab = m.vocab_size, padded_vocab_size(m.vocab_size, ctx.tp)
+        if self.pre_process:
+            self.embedding = mc_tp.VocabParallelEmbedding(self.padded_vocab, m.hidden_size, init_method=no_init,
+                                                          reduce_scatter_embeddings=ctx.sequence_parallel,
+                                                          config=self.config)
+        self.layers = nn.ModuleDict({str(i): ParallelBlock(m, i, ctx, self.config)
+                                     for i in range(self.first_layer, self.first_layer + per_stage)})
+        if self.post_process:
+            self.final_norm = ParallelRMSNorm(m.hidden_size, m.norm_eps, ctx)
+            self.output_layer = mc_tp.ColumnParallelLinear(m.hidden_size, self.padded_vocab, config=self.config,
+                                                           init_method=no_init, bias=False, gather_output=False,
+                                                           skip_weight_param_allocation=True)
+            if not self.pre_process:
+                self.output_weight = nn.Parameter(torch.empty(self.padded_vocab // ctx.tp, m.hidden_size,
+                                                              dtype=params_dtype))
+        self.input_tensor = None
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Called by megatron-core's pipeline schedules with the previous stage's output."""
+        self.input_tensor = input_tensor[0] if isinstance(input_tensor, (list, tuple)) else input_tensor
+
+    def head_weight(self) -> torch.Tensor:
+        return self.embedding.weight if self.pre_process else self.output_weight
+
+    def forward(self, input_ids: torch.Tensor | None, labels: torch.Tensor | None = None, *,
+                attention_mode: str = "sparse"):
+        """input_ids, labels: (B, T), ``labels[b, t]`` the target of position t (``-100`` ignored).
+
+        First stages read ``input_ids``, later ones the hidden state handed over by ``set_input_tensor``.
+        Returns, on the last stage, the token-mean loss when ``labels`` are given, else this TP rank's
+        vocabulary slice of the logits (B, T, V/tp) in fp32; on other stages the hidden state [T, B, d].
+        """
+        if attention_mode not in ("sparse", "dense"):
+            raise ValueError(f"attention_mode must be 'sparse' or 'dense', got {attention_mode!r}")
+        if self.pre_process:
+            x = self.embedding(input_ids)  # [T/tp, B, d] under SP (reduce-scattered), else [B, T, d]
+            x = x if self.ctx.sequence_parallel else x.transpose(0, 1).contiguous()
+        else:
+            x = self.input_tensor
+        for layer in self.layers.values():
+            x = layer(x, attention_mode=attention_mode)
+        if not self.post_process:
+            return x.contiguous()  # gloo refuses non-contiguous sends
+        logits, _ = self.output_layer(self.final_norm(x), weight=self.head_weight())  # [T, B, V/tp]
+        logits = self._mask_padded_vocab(logits.float())
+        if labels is None:
+            return logits.transpose(0, 1)
+        return vocab_parallel_loss(logits, labels.transpose(0, 1))
+
+    def _mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.padded_vocab == self.vocab_size:
+            return logits
+        per_rank = self.padded_vocab // self.ctx.tp
+        column = torch.arange(per_rank, device=logits.device) + self.ctx.tp_rank * per_rank
+        return logits.masked_fill(column >= self.vocab_size, float("-inf"))
+
+
+def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Token-mean cross-entropy over vocabulary-parallel logits [T, B, V/tp]; ``-100`` labels are ignored.
+
+    megatron-core's ``vocab_parallel_cross_entropy`` has no ignore index: ignored targets are mapped to id 0
+    and masked out of the mean."""
+    keep = labels != IGNORE_INDEX
+    per_token = mc_tp.vocab_parallel_cross_entropy(logits, labels.masked_fill(~keep, 0))
+    return (per_token * keep).sum() / keep.sum().clamp(min=1)
+
+
+def build_model(m: ModelConfig, ctx: ParallelContext, *, seed: int, params_dtype: torch.dtype = torch.float32):
+    """A stage of the training model with layout-free initial weights (same seed, same model, any layout)."""
+    from .init import initialize_weights
+
+    model = RatPlusLM(m, ctx, params_dtype=params_dtype)
+    initialize_weights(model, seed=seed)
+    return model

@@ -1,0 +1,60 @@
+"""The RAT+ temporal mixer on megatron-core layers (RATPLUS_SPEC.md §1.2).
+
+The fused input projection is column parallel and stored rank-major: TP rank r holds the rows
+``[o_r | q_r | k_r | v_r | g_r]``, the same heads of all five slices, so the recurrence and the attention
+are per head and need no communication. ``model/mapping.py`` converts to and from the reference layout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from megatron.core import tensor_parallel as mc_tp
+
+from ..config.schema import ModelConfig
+from ..parallel.context import ParallelContext
+from . import ops
+
+
+def no_init(_weight: torch.Tensor) -> None:
+    """megatron-core wants an init method; weights are set layout-free by ``model/init.py`` instead."""
+
+
+def fused_slices(m: ModelConfig) -> int:
+    """Slices of the fused input projection: o, q, k, v and, with the recurrence, the gate g."""
+    return 5 if m.apply_recurrence else 4
+
+
+class ParallelMixer(nn.Module):
+    def __init__(self, m: ModelConfig, layer_idx: int, ctx: ParallelContext, mp_config):
+        super().__init__()
+        self.heads = m.num_heads // ctx.tp  # heads on this TP rank
+        self.head_dim = m.head_dim
+        self.width = m.hidden_size // ctx.tp
+        self.recurrence = m.apply_recurrence
+        self.rope_theta = m.rope_theta
+        self.pattern = m.layer_patterns()[layer_idx]
+        self.in_proj = mc_tp.ColumnParallelLinear(m.hidden_size, fused_slices(m) * m.hidden_size, config=mp_config,
+                                                  init_method=no_init, bias=False, gather_output=False)
+        self.out_proj = mc_tp.RowParallelLinear(m.hidden_size, m.hidden_size, config=mp_config, init_method=no_init,
+                                                bias=False, input_is_parallel=True, skip_bias_add=True)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:  # [T, B, H*K] -> (B, H, T, K)
+        return t.unflatten(-1, (self.heads, self.head_dim)).permute(1, 2, 0, 3)
+
+    def forward(self, u: torch.Tensor, *, attention_mode: str = "sparse", position_offset: int = 0) -> torch.Tensor:
+        """u: normed input [T, B, d] ([T/tp, B, d] under sequence parallel); returns the same shape.
+        ``position_offset`` is the global position of the first token (context parallelism)."""
+        z, _ = self.in_proj(u)  # [T, B, slices * width]
+        o, q, k, v, *g = z.split(self.width, dim=-1)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        if self.recurrence:
+            gate = torch.sigmoid(self._heads(g[0]).float())
+            k, v, _ = ops.recurrence(gate, k, v)
+        positions = torch.arange(position_offset, position_offset + q.shape[-2], device=q.device)
+        q, k = ops.apply_rotary(q, positions, self.rope_theta), ops.apply_rotary(k, positions, self.rope_theta)
+        pattern = ops.DENSE if attention_mode == "dense" else self.pattern
+        a = ops.attention(q, k, v, pattern)  # (B, H, T, K)
+        y = a.permute(2, 0, 1, 3).flatten(2) * torch.sigmoid(o)  # [T, B, width]
+        out, _ = self.out_proj(y)
+        return out

@@ -1,0 +1,38 @@
+"""The one place the training model picks its compute kernels.
+
+Fused Triton kernels (``ratplus_mega.kernels``) on CUDA when they provide the op; otherwise the reference
+model's pure-torch functions, so the CPU path runs exactly the code the parity tests hold as truth.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import kernels
+from ..hf.modeling_ratplus import DENSE, apply_rotary, gated_scan, sparse_attention
+
+Pattern = tuple[int, int, int]
+
+__all__ = ["DENSE", "apply_rotary", "attention", "recurrence"]
+
+
+def _kernel(name: str, tensor: torch.Tensor):
+    return getattr(kernels, name, None) if tensor.is_cuda else None
+
+
+def recurrence(gate: torch.Tensor, k: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None = None):
+    """Scan k and v (B, H, T, K) with one fp32 gate (B, H, T, K); returns k̃, ṽ (input dtype) and the final
+    state (2, B, H, K) in fp32."""
+    fused = _kernel("gated_scan_kv", k)
+    if fused is not None:
+        return fused(gate, k, v, initial_state)
+    h, state = gated_scan(gate, torch.stack([k, v]), initial_state)
+    return h[0], h[1], state
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, *, q_offset: int = 0):
+    """Causal attention of q (B, H, Tq, K) at positions q_offset.. over k, v (B, H, Tk, K) at 0..Tk-1."""
+    fused = _kernel("sparse_attention", q)
+    if fused is not None:
+        return fused(q, k, v, *pattern, q_offset=q_offset)
+    return sparse_attention(q, k, v, *pattern, q_offset=q_offset)

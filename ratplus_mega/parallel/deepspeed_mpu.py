@@ -1,0 +1,91 @@
+"""The ``mpu`` object DeepSpeed asks for, with the semantics DESIGN.md "Parallelism" records.
+
+- "model parallel" is tensor x pipeline parallel: DeepSpeed names checkpoint files ``mp_rank_XX`` by this
+  rank and all-reduces the gradient norm over this group (a TP-only answer would make pipeline stages
+  overwrite each other's files and undercount the norm);
+- ``get_tensor_model_parallel_rank`` is the TP rank (DeepSpeed counts replicated parameters once with it);
+- the data-parallel group is the one ZeRO partitions over; with context parallelism that is DP x CP
+  (exposed as the sequence-data-parallel group), while the data loader counts DP replicas only.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+from .context import ParallelContext
+
+
+class DeepSpeedMpu:
+    def __init__(self, ctx: ParallelContext):
+        self.ctx = ctx
+
+    # model parallel = TP x PP
+    def get_model_parallel_group(self):
+        return self.ctx.model_parallel_group
+
+    def get_model_parallel_rank(self) -> int:
+        return dist.get_rank(self.get_model_parallel_group())
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.ctx.tp * self.ctx.pp
+
+    # tensor parallel
+    def get_tensor_model_parallel_group(self):
+        return self.ctx.tp_group
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self.ctx.tp_rank
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self.ctx.tp
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        from megatron.core import parallel_state as ps
+
+        return ps.get_tensor_model_parallel_src_rank()
+
+    # pipeline parallel
+    def get_pipeline_model_parallel_group(self):
+        return self.ctx.pp_group
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return self.ctx.pp_rank
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self.ctx.pp
+
+    # data parallel (what ZeRO partitions over)
+    def get_data_parallel_group(self):
+        from megatron.core import parallel_state as ps
+
+        return ps.get_data_parallel_group(with_context_parallel=True)
+
+    def get_data_parallel_rank(self) -> int:
+        return dist.get_rank(self.get_data_parallel_group())
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.ctx.dp * self.ctx.cp
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return dist.get_process_group_ranks(self.get_data_parallel_group())
+
+    # context parallel, in DeepSpeed's sequence-parallel vocabulary
+    def get_sequence_parallel_group(self):
+        from megatron.core import parallel_state as ps
+
+        return ps.get_context_parallel_group()
+
+    def get_sequence_parallel_rank(self) -> int:
+        return self.ctx.cp_rank
+
+    def get_sequence_parallel_world_size(self) -> int:
+        return self.ctx.cp
+
+    def get_sequence_data_parallel_group(self):
+        return self.get_data_parallel_group()
+
+    def get_sequence_data_parallel_rank(self) -> int:
+        return self.get_data_parallel_rank()
+
+    def get_sequence_data_parallel_world_size(self) -> int:
+        return self.get_data_parallel_world_size()
