@@ -32,7 +32,7 @@ class RatPlusLM(nn.Module):
         if m.num_layers % ctx.pp or m.num_heads % ctx.tp:
             raise ValueError(f"{m.num_layers} layers / {m.num_heads} heads do not split over PP={ctx.pp}, TP={ctx.tp}")
         self.model_config, self.ctx = m, ctx
-        self.config = ctx.megatron_config(params_dtype)  # read by megatron-core's pipeline schedules
+        self.config = ctx.megatron_config(m.hidden_size, params_dtype)  # read by megatron-core's schedules
         self.model_type = ModelType.encoder_or_decoder
         self.pre_process, self.post_process = ctx.is_first_stage, ctx.is_last_stage
         per_stage = m.num_layers // ctx.pp
@@ -107,7 +107,9 @@ def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 def build_model(m: ModelConfig, ctx: ParallelContext, *, seed: int, params_dtype: torch.dtype = torch.float32):
     """A stage of the training model with layout-free initial weights (same seed, same model, any layout)."""
     from .init import initialize_weights
+    from .mapping import mark_tensor_parallel_attributes
 
     model = RatPlusLM(m, ctx, params_dtype=params_dtype)
+    mark_tensor_parallel_attributes(model)
     initialize_weights(model, seed=seed)
     return model

@@ -133,3 +133,17 @@ def reference_config(m: ModelConfig, **overrides):
                   dilation=p.dilation, window=p.window, sinks=p.sinks)
     fields.update(overrides)
     return RatPlusConfig(**fields)
+
+
+def mark_tensor_parallel_attributes(model: RatPlusLM) -> None:
+    """Tag every TP-sharded parameter the way megatron-core's own initialisation would.
+
+    megatron sets ``tensor_model_parallel``/``partition_dim`` only when it initialises the weights itself; we
+    initialise layout-free, so we tag them here. DeepSpeed reads the tag to count replicated parameters once
+    in the gradient norm: untagged shards are taken for replicas and the norm comes out too small."""
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    for name, param in model.named_parameters():
+        kind = layout_of(name).kind
+        if kind != "replicated":
+            set_tensor_model_parallel_attributes(param, is_parallel=True, dim=1 if kind == "cols" else 0, stride=1)

@@ -102,12 +102,13 @@ class ParallelContext:
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp - 1
 
-    def megatron_config(self, params_dtype: torch.dtype = torch.float32):
-        """The ``ModelParallelConfig`` megatron-core layers are built with. Weights are allocated on the CPU
-        and initialised by ``model.init`` (layout-free), never by megatron."""
-        from megatron.core import ModelParallelConfig
+    def megatron_config(self, hidden_size: int, params_dtype: torch.dtype = torch.float32):
+        """The config megatron-core layers and schedules read. Weights are allocated on the CPU and set by
+        ``model/init.py`` (layout-free), never by megatron."""
+        from .megatron_config import StageConfig
 
-        return ModelParallelConfig(
+        return StageConfig(
+            hidden_size=hidden_size,
             tensor_model_parallel_size=self.tp,
             pipeline_model_parallel_size=self.pp,
             context_parallel_size=self.cp,
