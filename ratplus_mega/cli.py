@@ -50,7 +50,21 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"{name:<22}{flops:>18}{flops / dense_flops:>10.3f}{cache:>18}{cache / dense_cache:>10.3f}")
     print(f"\nFLOPs at seq {m.seq_len}, forward only (training is 3x); decode cache for one {m.seq_len}-token "
           "sequence: bf16 keys/values plus the fp32 recurrence state (docs/flops.md).")
+    if args.check:
+        _print_check(m)
     return 0
+
+
+def _print_check(m) -> None:
+    from .selfcheck import check_model
+
+    r = check_model(m)
+    print(f"\ncheck (random fp32 weights, seq {r.seq_len}): forward dense {r.forward_seconds['dense']:.3f} s, "
+          f"sparse {r.forward_seconds['sparse']:.3f} s; decode {r.decode_tokens_per_second:.1f} tokens/s with a "
+          f"{r.cache_bytes}-byte compressed cache; decoded vs full-forward logits: max relative error "
+          f"{r.decode_max_error:.1e}")
+    if not r.decode_max_error < 1e-4:
+        raise RuntimeError("the decode cache does not reproduce the full forward pass")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--config", required=True, help="a model preset or run config (YAML)")
     info.add_argument("--pattern", type=_parse_pattern, action="append", default=[], metavar="D,W,P",
                       help="also report this sparse pattern (repeatable)")
+    info.add_argument("--check", action="store_true",
+                      help="also build the model with random weights, run it and check cached decoding")
     info.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     info.set_defaults(func=cmd_info)
     return parser
