@@ -95,6 +95,11 @@ class ParallelContext:
         return ps.get_embedding_group()
 
     @property
+    def device(self) -> torch.device:
+        """Where this rank computes and communicates: its CUDA device, or the CPU (gloo)."""
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+    @property
     def is_first_stage(self) -> bool:
         return self.pp_rank == 0
 

@@ -1,0 +1,1 @@
+"""The training driver: DeepSpeed engine set-up, joint (sparse + dense) steps, schedule, loop, metrics."""

@@ -1,0 +1,105 @@
+"""DeepSpeed engine set-up for a run: config, optimizer groups, precision, activation checkpointing.
+
+Rules from DESIGN.md: the lr schedule is ours (no DeepSpeed scheduler); fp32 master weights, optimizer state
+and gradient accumulation with bf16 compute on GPU, plain fp32 on CPU; under pipeline parallelism the engine
+neither reduces nor rescales per micro-batch (megatron-core's schedule owns backward), ZeRO-0 is refused
+there because DeepSpeed's ZeRO-0 clipping ignores ``ds_pipe_replicated``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.utils.checkpoint
+
+from ..config.schema import RunConfig
+from ..model.block import ParallelBlock
+from ..model.lm import RatPlusLM
+from ..parallel.context import ParallelContext
+
+
+def gradient_accumulation_steps(cfg: RunConfig, ctx: ParallelContext) -> int:
+    """Micro-batches per rank and global batch; raises if the batch sizes do not divide."""
+    t = cfg.train
+    per_step = t.micro_batch_size * ctx.dp
+    if t.global_batch_size % per_step:
+        raise ValueError(
+            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of train.micro_batch_size "
+            f"({t.micro_batch_size}) x data-parallel ranks ({ctx.dp}) = {per_step}"
+        )
+    return t.global_batch_size // per_step
+
+
+def deepspeed_config(cfg: RunConfig, ctx: ParallelContext) -> dict:
+    t, p = cfg.train, cfg.parallel
+    if ctx.pp > 1 and p.zero_stage == 0:
+        raise ValueError("parallel.zero_stage: use ZeRO 1 or 2 with pipeline parallel (DeepSpeed's ZeRO-0 "
+                         "clipping counts the tied embedding twice)")
+    accum = gradient_accumulation_steps(cfg, ctx)
+    bf16 = t.precision == "bf16"
+    config = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": t.micro_batch_size * accum * ctx.dp,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": p.zero_stage},
+        "bf16": {"enabled": bf16},
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": t.lr, "betas": list(t.adam_betas), "eps": t.adam_eps, "weight_decay": t.weight_decay,
+            "torch_adam": True,  # torch's AdamW: no DeepSpeed op build, same math
+        }},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if bf16:
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    if ctx.pp > 1:
+        config["managed_gradient_accumulation"] = False
+    return config
+
+
+def parameter_groups(model: RatPlusLM, decay_all: bool, weight_decay: float) -> list[dict]:
+    """One group decaying everything (the reference's recipe), or norm gains exempt."""
+    if decay_all:
+        return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    rest = [p for p in model.parameters() if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def apply_activation_checkpointing(model: RatPlusLM) -> None:
+    """Recompute each block in backward instead of storing its activations (no dropout: no RNG to replay)."""
+    for block in model.modules():
+        if isinstance(block, ParallelBlock):
+            block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
+
+
+def build_engine(cfg: RunConfig, ctx: ParallelContext, model: RatPlusLM):
+    """Wrap ``model`` in a DeepSpeed engine with the run's optimizer and precision."""
+    import deepspeed
+
+    from ..parallel.deepspeed_mpu import DeepSpeedMpu
+    from ..parallel.pipeline import mark_tied_copy
+
+    mark_tied_copy(model)
+    if cfg.train.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    groups = parameter_groups(model, cfg.train.decay_all_parameters, cfg.train.weight_decay)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=deepspeed_config(cfg, ctx),
+                                      mpu=DeepSpeedMpu(ctx))
+    return engine
+
+
+def set_learning_rate(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def prepare_deepspeed_for_cpu() -> None:
+    """Call before ``deepspeed.init_distributed`` on a machine without CUDA: skips a shared-memory op that
+    DeepSpeed would otherwise compile for minutes."""
+    if not torch.cuda.is_available():
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
