@@ -67,6 +67,32 @@ def _print_check(m) -> None:
         raise RuntimeError("the decode cache does not reproduce the full forward pass")
 
 
+def cmd_import_public(args: argparse.Namespace) -> int:
+    import torch
+
+    from .export.hf_folder import write_hf_folder
+    from .export.import_public import public_to_hf, read_pattern_file
+
+    if args.pattern_file:
+        pattern = read_pattern_file(args.pattern_file)
+    else:
+        pattern = dict(zip(("dilation", "window", "sinks"), args.pattern or (1, 0, 0)))
+    config, state = public_to_hf(args.checkpoint, **pattern)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    out = write_hf_folder(args.out, config, state, args.tokenizer, dtype=dtype, overwrite=args.overwrite)
+    kind = "RAT+" if config.apply_recurrence else "gated attention (no recurrence)"
+    print(f"wrote {out}: {kind}, {config.num_hidden_layers} layers x {config.hidden_size}, vocab "
+          f"{config.vocab_size}, pattern dilation={config.dilation} window={config.window} sinks={config.sinks}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config.load import load_config
+    from .train.loop import run_training
+
+    return run_training(load_config(args.config, args.overrides))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ratplus", description="RAT+ pretraining stack")
     parser.add_argument("--version", action="version", version=f"ratplus-mega {__version__}")
@@ -80,6 +106,24 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also build the model with random weights, run it and check cached decoding")
     info.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     info.set_defaults(func=cmd_info)
+
+    imp = sub.add_parser("import-public", help="convert a public RAT+ checkpoint (.pth) into a HuggingFace folder")
+    imp.add_argument("--checkpoint", required=True, help="torch.save file of the public RAT+ code")
+    imp.add_argument("--out", required=True, help="HuggingFace folder to write (must not exist)")
+    which = imp.add_mutually_exclusive_group()
+    which.add_argument("--pattern", type=_parse_pattern, metavar="D,W,P",
+                       help="sparse pattern (default: dense); write D=-1 as --pattern=-1,W,P")
+    which.add_argument("--pattern-file", metavar="PATTERN.yaml",
+                       help="per-layer pattern: {dilation: [...], window: ..., sinks: ...}")
+    imp.add_argument("--tokenizer", help="sentencepiece .model to write as the folder's tokenizer")
+    imp.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="weights on disk (default bf16)")
+    imp.add_argument("--overwrite", action="store_true", help="replace --out once the new folder is complete")
+    imp.set_defaults(func=cmd_import_public)
+
+    train = sub.add_parser("train", help="pretrain or adapt a model (one process, torchrun or deepspeed launcher)")
+    train.add_argument("--config", required=True, help="a run config, e.g. configs/train/tiny-cpu.yaml")
+    train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    train.set_defaults(func=cmd_train)
     return parser
 
 

@@ -1,0 +1,82 @@
+"""Committed checkpoints: partial saves are never taken for whole ones, old ones are pruned, and a resumed
+engine continues exactly (one rank, DeepSpeed ZeRO-2, fp32)."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from ratplus_mega.checkpoint import (committed_checkpoints, latest_checkpoint, load_rank_state, read_marker,
+                                     restore_rng_state, rng_state, save_checkpoint)
+from ratplus_mega.config import load_config
+from ratplus_mega.model import build_model
+from ratplus_mega.parallel import ParallelContext
+from ratplus_mega.train.engine import build_engine, prepare_deepspeed_for_cpu
+from ratplus_mega.train.joint import train_step
+
+
+@pytest.fixture(scope="module")
+def single_rank():
+    prepare_deepspeed_for_cpu()
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
+        os.environ.setdefault(key, value)
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def _engine():
+    cfg = load_config("configs/model/tiny.yaml", ["parallel.zero_stage=2", "train.micro_batch_size=2",
+                                                  "train.global_batch_size=2", "train.precision=fp32"])
+    ctx = ParallelContext.initialize(cfg.parallel)
+    return build_engine(cfg, ctx, build_model(cfg.model, ctx, seed=1)), ctx
+
+
+def _batch(seed):
+    t = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(seed))
+    return [{"input_ids": t[:, :-1], "labels": t[:, 1:]}]
+
+
+def _save(engine, root, step, keep_last=2):
+    return save_checkpoint(engine, root, step=step, rank_state={"step": step, "rng": rng_state(), "data": {"n": step}},
+                           marker={"layout": {"tp": 1}}, config_yaml="model: {}\n", keep_last=keep_last)
+
+
+def test_commit_protocol_prune_and_exact_resume(single_rank, tmp_path):
+    engine, ctx = _engine()
+    train_step(engine, _batch(0), lr=1e-3, joint=False, ctx=ctx, seq_len=16)
+    first = _save(engine, tmp_path, 1)
+    assert first.name == "step000000001" and read_marker(first)["step"] == 1
+    assert (tmp_path / "latest").read_text() == "step000000001"
+
+    # A save killed half-way leaves only a temporary folder: never resumed from, removed by the next save.
+    partial = tmp_path / ".tmp-step000000002"
+    partial.mkdir()
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
+    assert latest_checkpoint(tmp_path) == first
+
+    for step in (2, 3):
+        train_step(engine, _batch(step), lr=1e-3, joint=False, ctx=ctx, seq_len=16)
+        _save(engine, tmp_path, step)
+    assert not partial.exists()
+    assert [p.name for p in committed_checkpoints(tmp_path)] == ["step000000002", "step000000003"]
+
+    torch.manual_seed(1234)
+    _save(engine, tmp_path, 4)
+    expected_rand = torch.rand(3)
+    expected = [train_step(engine, _batch(b), lr=1e-3, joint=False, ctx=ctx, seq_len=16).sparse.loss
+                for b in (9, 10)]
+
+    resumed, ctx = _engine()
+    path = latest_checkpoint(tmp_path)
+    resumed.load_checkpoint(str(tmp_path), tag=path.name, load_lr_scheduler_states=False)
+    state = load_rank_state(path)
+    assert state["step"] == 4 and state["data"] == {"n": 4}
+    restore_rng_state(state["rng"])
+    assert torch.equal(torch.rand(3), expected_rand)
+    got = [train_step(resumed, _batch(b), lr=1e-3, joint=False, ctx=ctx, seq_len=16).sparse.loss for b in (9, 10)]
+    assert got == expected  # weights (first loss) and Adam moments (second loss) restored bitwise
