@@ -78,7 +78,10 @@ def _apply_override(raw: dict, where: dict[str, str], item: str) -> None:
         if not isinstance(node, dict):
             raise ConfigLoadError(f"override {item!r}: {'.'.join(keys[: i + 1])} is not a section")
     node[keys[-1]] = value
-    where[".".join(keys)] = f" (from the override {item!r})"
+    place = f" (from the override {item!r})"
+    where[".".join(keys)] = place
+    for i in range(1, len(keys)):  # an error on a section the override created (an unknown one) names it too
+        where.setdefault(".".join(keys[:i]), place)
 
 
 def _read_yaml(path: Path) -> tuple[dict, dict[str, str]]:
@@ -121,7 +124,7 @@ def _resolve_preset(model: dict, where: dict[str, str], base_dir: Path, seen: tu
     ]
     path = next((c for c in candidates if c.is_file()), None)
     if path is None:
-        tried = ", ".join(str(c) for c in candidates)
+        tried = ", ".join(dict.fromkeys(str(c.resolve()) for c in candidates))
         raise ConfigLoadError(f"model.preset{_place(where, 'model.preset')}: no preset {name!r} (looked for {tried})")
     if path.resolve() in seen:
         raise ConfigLoadError(f"model.preset: presets include each other in a cycle at {path}")

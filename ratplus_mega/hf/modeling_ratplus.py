@@ -278,7 +278,7 @@ class RatPlusLayerCache:
             raise ValueError(f"RAT+ decode cache: cannot prefill {n} tokens (holds {self.max_len}, has {self.length})")
         num_sinks = min(self.sinks, n)
         self.sink_kv[..., :num_sinks, :] = kv[..., :num_sinks, :]
-        if self.window > 0:
+        if self.window > 0 and n > self.sinks:  # a prompt inside the sinks leaves the ring empty
             ring_pos = torch.arange(max(self.sinks, n - self.window), n, device=kv.device)
             self.ring_kv[..., (ring_pos - self.sinks) % self.window, :] = kv[..., ring_pos, :]
         if self.dilation >= 1:

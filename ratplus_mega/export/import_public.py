@@ -1,0 +1,223 @@
+"""Public RAT+ checkpoints (``torch.save`` dicts of the reference code) → the reference model's state dict.
+
+The public trainer saves ``{"task": state_dict, "config": ..., "step": ..., "optimizer": ..., ...}`` (spec §9).
+Its state-dict names, with ``_orig_mod.`` inserted anywhere by ``torch.compile``::
+
+    embedding.wte.weight                                   → model.embed_tokens.weight
+    head.lm_head.weight (tied copy, optional)              → dropped (must equal the embedding)
+    backbone.layers.{i}.seq_layer.input_norm.weight        → model.layers.{i}.input_norm.weight
+    backbone.layers.{i}.seq_layer.in_proj.weight  [o|q|k|v|g] → model.layers.{i}.mixer.in_proj.weight
+    backbone.layers.{i}.seq_layer.fgate_proj.weight (legacy)  → appended after the 4d in_proj rows
+    backbone.layers.{i}.seq_layer.out_proj.weight          → model.layers.{i}.mixer.out_proj.weight
+    backbone.layers.{i}.hidden_layer.{ln,fc1,fc2}.weight   → model.layers.{i}.{ffn_norm,ffn.fc1,ffn.fc2}.weight
+    backbone.ln.weight                                     → model.norm.weight
+
+Loading never unpickles arbitrary objects: ``torch.load(weights_only=True)`` with an explicit allow-list of the
+config classes the public code stores (EasyDict, OmegaConf containers), each admitted only if importable here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+import re
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from ..hf import RatPlusConfig
+
+__all__ = [
+    "ALLOWED_GLOBALS", "HEAD_DIM", "convert_public_state_dict", "load_public_checkpoint", "public_to_hf",
+    "read_pattern_file",
+]
+
+HEAD_DIM = 128
+"""Head dimension of every public RAT+ model (spec §6.1); the number of heads is hidden / 128."""
+
+ALLOWED_GLOBALS = (
+    "easydict.EasyDict",
+    "omegaconf.dictconfig.DictConfig", "omegaconf.listconfig.ListConfig", "omegaconf.base.ContainerMetadata",
+    "omegaconf.base.Metadata", "omegaconf.nodes.AnyNode", "omegaconf.nodes.StringNode",
+    "omegaconf.nodes.IntegerNode", "omegaconf.nodes.FloatNode", "omegaconf.nodes.BooleanNode",
+    "typing.Any", "collections.defaultdict",
+    "builtins.dict", "builtins.list", "builtins.tuple", "builtins.set", "builtins.int", "builtins.float",
+    "builtins.str", "builtins.bool",
+)
+"""Non-tensor classes a public checkpoint may hold (its config and plain containers)."""
+
+_STAND_INS = {"easydict.EasyDict": OrderedDict}
+"""Classes read as another one. The weights-only unpickler fills only dict, OrderedDict and Counter, so the
+public trainer's EasyDict config (a dict subclass with mirrored attributes) comes back as an OrderedDict; the
+importer never uses the config, and the easydict package is not needed."""
+
+_LAYER = re.compile(r"backbone\.layers\.(\d+)\.(seq_layer|hidden_layer)\.(\w+)\.weight")
+_LAYER_NAMES = {
+    ("seq_layer", "input_norm"): "input_norm", ("seq_layer", "in_proj"): "mixer.in_proj",
+    ("seq_layer", "out_proj"): "mixer.out_proj", ("seq_layer", "fgate_proj"): "fgate_proj",
+    ("hidden_layer", "ln"): "ffn_norm", ("hidden_layer", "fc1"): "ffn.fc1", ("hidden_layer", "fc2"): "ffn.fc2",
+}
+_REQUIRED_LAYER_KEYS = ("input_norm", "mixer.in_proj", "mixer.out_proj", "ffn_norm", "ffn.fc1", "ffn.fc2")
+
+
+def load_public_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The ``task`` state dict of a public checkpoint, loaded with ``weights_only=True``.
+
+    Raises:
+        ValueError: the file holds a class outside :data:`ALLOWED_GLOBALS` (named, with what to do), an allowed
+            class that cannot be imported here, or no ``task`` state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path}: no such file")
+    allowed = _allowed_globals(path)
+    try:
+        with torch.serialization.safe_globals(allowed):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"checkpoint {path}: refused by the weights-only loader: {e}") from None
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("task"), dict):
+        return ckpt["task"]
+    keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+    raise ValueError(f"checkpoint {path}: expected a dict with a 'task' state dict (public RAT+ format), got {keys}")
+
+
+def _allowed_globals(path: Path) -> list:
+    """The allow-listed objects this file needs; raises naming any other class it holds."""
+    if not zipfile.is_zipfile(path):
+        return []  # a legacy-format file: the weights-only loader itself refuses any global it meets
+    found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    unlisted = [name for name in found if name not in ALLOWED_GLOBALS]
+    if unlisted:
+        raise ValueError(
+            f"checkpoint {path} holds {', '.join(unlisted)}, which the importer does not unpickle (allowed: "
+            "EasyDict and OmegaConf configs, plain containers). If you trust the file, re-save only its weights: "
+            "torch.save({'task': torch.load(path, weights_only=False)['task']}, new_path)")
+    objects = []
+    for name in found:
+        if name in _STAND_INS:
+            objects.append((_STAND_INS[name], name))
+            continue
+        module, _, attr = name.rpartition(".")
+        try:
+            objects.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):
+            raise ValueError(f"checkpoint {path} holds {name}; install the package that provides it "
+                             f"(pip install {module.split('.')[0]}) to load it") from None
+    return objects
+
+
+def convert_public_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Map a public state dict to the reference model's names and infer its shape.
+
+    Returns:
+        (state_dict, shape) with shape keys ``vocab_size, hidden_size, num_hidden_layers,
+        num_attention_heads, head_dim, intermediate_size, apply_recurrence``.
+    Raises:
+        ValueError: unknown or missing keys (named), duplicated names, or shapes that do not fit one model.
+    """
+    state = _strip_compile_prefix(state)
+    out, layers, unknown = {}, {}, []
+    for key, tensor in state.items():
+        m = _LAYER.fullmatch(key)
+        if key == "embedding.wte.weight":
+            out["model.embed_tokens.weight"] = tensor
+        elif key == "backbone.ln.weight":
+            out["model.norm.weight"] = tensor
+        elif key == "head.lm_head.weight":
+            out["lm_head.weight"] = tensor
+        elif m and (m.group(2), m.group(3)) in _LAYER_NAMES:
+            layers.setdefault(int(m.group(1)), {})[_LAYER_NAMES[m.group(2), m.group(3)]] = tensor
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"public checkpoint: unknown keys {unknown}")
+    missing = [k for k in ("model.embed_tokens.weight", "model.norm.weight") if k not in out]
+    if not layers:
+        missing.append("backbone.layers.*")
+    if missing:
+        raise ValueError(f"public checkpoint: missing {missing}")
+    vocab, d = out["model.embed_tokens.weight"].shape
+    head = out.pop("lm_head.weight", None)
+    if head is not None and not torch.equal(head, out["model.embed_tokens.weight"]):
+        raise ValueError("public checkpoint: head.lm_head.weight differs from embedding.wte.weight (untied head)")
+    if d % HEAD_DIM:
+        raise ValueError(f"public checkpoint: hidden size {d} is not a multiple of the head dim {HEAD_DIM}")
+    recurrence = set()
+    for i in range(max(layers) + 1):
+        recurrence.add(_convert_layer(i, layers.get(i, {}), d, out))
+    if len(recurrence) > 1:
+        raise ValueError("public checkpoint: some layers have the forget gate (5d in_proj rows) and some do not")
+    shape = dict(vocab_size=vocab, hidden_size=d, num_hidden_layers=len(layers), num_attention_heads=d // HEAD_DIM,
+                 head_dim=HEAD_DIM, intermediate_size=out["model.layers.0.ffn.fc1.weight"].shape[0],
+                 apply_recurrence=recurrence.pop())
+    return out, shape
+
+
+def _strip_compile_prefix(state: dict) -> dict:
+    out = {}
+    for key, tensor in state.items():
+        clean = key.replace("_orig_mod.", "")
+        if clean in out:
+            raise ValueError(f"public checkpoint: {key!r} and another key both map to {clean!r}")
+        out[clean] = tensor
+    return out
+
+
+def _convert_layer(i: int, parts: dict, d: int, out: dict) -> bool:
+    """Store layer ``i`` under reference names; returns whether it has the recurrence's gate rows."""
+    missing = [f"backbone.layers.{i}.{_public_name(k)}.weight" for k in _REQUIRED_LAYER_KEYS if k not in parts]
+    if missing:
+        raise ValueError(f"public checkpoint: missing {missing}")
+    in_proj, fgate = parts["mixer.in_proj"], parts.get("fgate_proj")
+    if fgate is not None:
+        if in_proj.shape[0] != 4 * d or tuple(fgate.shape) != (d, d):
+            raise ValueError(f"public checkpoint: layer {i} has fgate_proj {tuple(fgate.shape)} beside in_proj "
+                             f"{tuple(in_proj.shape)}; expected ({d}, {d}) beside ({4 * d}, {d})")
+        in_proj = torch.cat([in_proj, fgate], dim=0)  # legacy layout: gate rows go last (spec §1.2 step 2)
+    if in_proj.shape[0] not in (4 * d, 5 * d) or in_proj.shape[1] != d:
+        raise ValueError(f"public checkpoint: layer {i} in_proj has shape {tuple(in_proj.shape)}, expected "
+                         f"({5 * d}, {d}) or ({4 * d}, {d})")
+    prefix = f"model.layers.{i}."
+    for name in _REQUIRED_LAYER_KEYS:
+        out[prefix + name + ".weight"] = in_proj if name == "mixer.in_proj" else parts[name]
+    return in_proj.shape[0] == 5 * d
+
+
+def _public_name(name: str) -> str:
+    return next(f"{section}.{public}" for (section, public), ours in _LAYER_NAMES.items() if ours == name)
+
+
+def public_to_hf(path: str | Path, *, dilation=1, window=0, sinks=0) -> tuple[RatPlusConfig, dict]:
+    """Load a public checkpoint and return the reference model's config (with the given sparse pattern, an
+    int or one entry per layer) and state dict. Shapes the config rejects raise ValueError."""
+    state, shape = convert_public_state_dict(load_public_checkpoint(path))
+    config = RatPlusConfig(**shape, dilation=dilation, window=window, sinks=sinks)
+    return config, state
+
+
+def read_pattern_file(path: str | Path) -> dict:
+    """``{dilation, window, sinks}`` from a YAML file such as ``{dilation: [1, 64, 1, 64], window: 0, sinks: 4}``
+    (each an int or one int per layer; missing keys default to dense, no window, no sinks)."""
+    import yaml
+
+    from ..config.schema import PatternConfig
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"pattern file {path}: cannot read it ({e})") from None
+    if not isinstance(data, dict) or set(data) - {"dilation", "window", "sinks"}:
+        raise ValueError(f"pattern file {path}: expected a mapping with keys dilation, window, sinks; got {data!r}")
+    for key, value in data.items():
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(type(v) is int for v in values):
+            raise ValueError(f"pattern file {path}: {key} must be an int or a list of ints, got {value!r}")
+    try:
+        PatternConfig(**data)
+    except ValueError as e:
+        raise ValueError(f"pattern file {path}: {e}") from None
+    return data

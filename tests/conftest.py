@@ -1,0 +1,90 @@
+"""Shared test setup: the reference model never runs fused kernels, nothing reaches a network hub.
+
+Helpers used by several test files are fixtures here (tests are imported with ``--import-mode=importlib``, so
+this file is not importable as a module).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Set before anything imports the reference model or transformers: the oracle must be pure torch, and a
+# test must never try to download a tokenizer or model.
+os.environ["RATPLUS_DISABLE_KERNELS"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def _assert_close(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    """Fail unless ``max|got - ref| <= tol * max(max|ref|, 1e-6)``; the message names the tensor and gives the
+    max absolute error and the error relative to the reference's scale."""
+    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != reference {tuple(ref.shape)}"
+    got, ref = got.detach().double(), ref.detach().double()
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    err = (got - ref).abs().max().item() if ref.numel() else 0.0
+    scale = max(ref.abs().max().item() if ref.numel() else 0.0, 1e-6)
+    assert err <= tol * scale, (
+        f"{name}: max abs err {err:.3e}, relative to scale {scale:.3e}: {err / scale:.3e} > {tol:.1e}")
+
+
+def _tiny_config(**overrides):
+    """A small :class:`RatPlusConfig` (2 layers, d 32, 2 heads of 16) for fast CPU tests."""
+    from ratplus_mega.hf import RatPlusConfig
+
+    kwargs = dict(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, head_dim=16,
+                  max_position_embeddings=64)
+    kwargs.update(overrides)
+    return RatPlusConfig(**kwargs)
+
+
+def _tiny_model(seed: int = 0, **overrides):
+    """A fp32 :class:`RatPlusForCausalLM` on :func:`tiny_config` with N(0, 0.02) weights, RMSNorm gains
+    randomised around 1 and the gate rows scaled up so that the forget gates spread over (0, 1) (at init they
+    sit near 0.5 and a wrong recurrence would hide behind a short memory)."""
+    from ratplus_mega.hf import RatPlusForCausalLM
+
+    torch.manual_seed(seed)
+    model = RatPlusForCausalLM(_tiny_config(**overrides)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            elif name.endswith("in_proj.weight"):
+                p.normal_(0, 0.2)
+                if model.config.apply_recurrence:
+                    p[4 * model.config.hidden_size:] *= 3
+            elif p.dim() == 2:
+                p.normal_(0, 0.2)
+    return model
+
+
+@pytest.fixture(scope="session")
+def assert_close():
+    """``assert_close(name, got, ref, tol)``: DESIGN.md tolerances are 1e-5 for fp32 values and 1e-4 for fp32
+    gradients, relative to the reference's scale; 2e-2 for bf16."""
+    return _assert_close
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """Factory ``tiny_config(**overrides) -> RatPlusConfig``."""
+    return _tiny_config
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """Factory ``tiny_model(seed=0, **config_overrides) -> RatPlusForCausalLM`` (fp32, eval mode)."""
+    return _tiny_model
+
+
+@pytest.fixture
+def single_thread():
+    """Run a test on one intra-op thread: tiny-tensor tests issue thousands of small ops, and with two OpenMP
+    threads on a shared, busy CPU every op waits for a descheduled peer (seconds per test instead of ms)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
