@@ -93,6 +93,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     return run_training(load_config(args.config, args.overrides))
 
 
+def cmd_prep_tokenizer(args: argparse.Namespace) -> int:
+    from .data_prep.train_tokenizer import TokenizerOptions, train_tokenizer
+
+    opts = TokenizerOptions(inputs=args.input, vocab_size=args.vocab_size, out=args.out,
+                            model_type=args.model_type, text_field=args.text_field, txt_blocks=args.txt_blocks)
+    path = train_tokenizer(opts)
+    print(f"wrote {path} ({args.model_type}, {args.vocab_size} pieces; unk 0, bos 1, eos 2, byte fallback)")
+    return 0
+
+
+def cmd_prep_shards(args: argparse.Namespace) -> int:
+    from .data_prep.to_mds import PrepOptions, prep_shards
+
+    m = prep_shards(PrepOptions(inputs=args.input, tokenizer=args.tokenizer, out=args.out, seq_len=args.seq_len,
+                                text_field=args.text_field, val_fraction=args.val_fraction, seed=args.seed,
+                                workers=args.workers, strict=args.strict, txt_blocks=args.txt_blocks))
+    for split, s in m["splits"].items():
+        print(f"{split}: {s['documents']} documents, {s['tokens']} tokens, {s['windows']} windows of "
+              f"{m['seq_len'] + 1}, {s['dropped_tokens']} tail tokens dropped")
+    skipped = m["skipped"]["counts"]
+    if skipped:
+        print("skipped: " + ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())))
+        print("\n".join(f"  e.g. {e}" for e in m["skipped"]["examples"]))
+    print(f"wrote {args.out}/{{train,val}} and {args.out}/manifest.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ratplus", description="RAT+ pretraining stack")
     parser.add_argument("--version", action="version", version=f"ratplus-mega {__version__}")
@@ -106,6 +133,31 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also build the model with random weights, run it and check cached decoding")
     info.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     info.set_defaults(func=cmd_info)
+
+    prep = sub.add_parser("prep", help="data preparation: train a tokenizer, tokenize corpora into MDS shards")
+    prep_sub = prep.add_subparsers(dest="prep_command", required=True)
+    tok = prep_sub.add_parser("tokenizer", help="train a lossless sentencepiece model (unk 0, bos 1, eos 2)")
+    tok.add_argument("--input", nargs="+", required=True, metavar="FILE", help=".txt, .jsonl(.zst), .parquet files")
+    tok.add_argument("--vocab-size", type=int, required=True, metavar="N")
+    tok.add_argument("--out", required=True, metavar="PATH.model")
+    tok.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    tok.add_argument("--text-field", default="text", help="JSON key or column holding the text (default: text)")
+    tok.add_argument("--txt-blocks", action="store_true", help="a .txt document per blank-line-separated block")
+    tok.set_defaults(func=cmd_prep_tokenizer)
+    shards = prep_sub.add_parser("shards", help="tokenize corpora into (seq_len+1)-token MDS windows, train/val")
+    shards.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_GLOB",
+                        help=".txt, .jsonl, .jsonl.zst, .parquet, datasets.save_to_disk folders, globs, folders")
+    shards.add_argument("--tokenizer", required=True, metavar="PATH.model", help="sentencepiece model")
+    shards.add_argument("--out", required=True, metavar="DIR", help="writes DIR/train, DIR/val, DIR/manifest.json")
+    shards.add_argument("--seq-len", type=int, required=True, metavar="N", help="training window (model.seq_len)")
+    shards.add_argument("--text-field", default="text", help="JSON key or column holding the text (default: text)")
+    shards.add_argument("--val-fraction", type=float, default=0.005, metavar="F",
+                        help="fraction of documents held out (default 0.005, as the reference)")
+    shards.add_argument("--seed", type=int, default=1005, help="seed of the document-level split hash")
+    shards.add_argument("--workers", type=int, default=1, metavar="N", help="tokenizing processes")
+    shards.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
+    shards.add_argument("--txt-blocks", action="store_true", help="a .txt document per blank-line-separated block")
+    shards.set_defaults(func=cmd_prep_shards)
 
     imp = sub.add_parser("import-public", help="convert a public RAT+ checkpoint (.pth) into a HuggingFace folder")
     imp.add_argument("--checkpoint", required=True, help="torch.save file of the public RAT+ code")

@@ -169,9 +169,16 @@ class DataConfig:
     sampler: Literal["ordered", "random_offset"] = "ordered"
     """'ordered': shuffled fixed windows (pretraining); 'random_offset': windows at random offsets (adaptation)."""
     shuffle_seed: int = 1005
+    """Seed of the streaming shuffle; with 'random_offset' the sampler of DP rank r is seeded shuffle_seed + r
+    (the reference adapts with seed 0 + rank, spec §3)."""
+    shuffle_algo: Literal["py1e", "py1br", "py1b", "py1s", "py2s", "naive"] = "py1e"
+    """Streaming's shuffle algorithm; pinned and stored in the loader state with the seed."""
     num_canonical_nodes: int = 1
     """Pinned so the sample order does not depend on the first run's node count."""
     num_workers: int = 1
+    """DataLoader worker processes per rank (0 reads in the training process)."""
+    cache_dir: str | None = None
+    """Local folder where remote (s3://, gs://, ...) datasets are cached; needed when a train/val entry is remote."""
 
     def __post_init__(self):
         if self.train_weights is not None:
@@ -185,6 +192,11 @@ class DataConfig:
             raise ConfigError("num_canonical_nodes", f"must be >= 1, got {self.num_canonical_nodes}")
         if self.num_workers < 0:
             raise ConfigError("num_workers", f"must be >= 0, got {self.num_workers}")
+        if self.shuffle_seed < 0:
+            raise ConfigError("shuffle_seed", f"must be >= 0 (streaming refuses negative seeds), got {self.shuffle_seed}")
+        remote = [p for p in [*self.train, *([self.val] if self.val else [])] if "://" in p]
+        if remote and not self.cache_dir:
+            raise ConfigError("cache_dir", f"remote datasets ({remote[0]}) need a local cache_dir")
 
 
 @dataclass(kw_only=True)

@@ -1,0 +1,102 @@
+"""Throughput of ``prep shards`` (1 and 2 workers) against sentencepiece alone, and of the training loader.
+
+    python benchmarks/data_prep.py /work/shared/data/tinyshakespeare.txt
+    python benchmarks/data_prep.py --generate-mb 20
+
+Documents are the text's blank-line-separated blocks (repeated to ``--repeat`` copies), written as jsonl
+over four files. The baseline is ``SentencePieceProcessor.encode`` of the same documents in one process
+with one thread; prep times include reading, JSON parsing, worker start-up, MDS writing and merging, but
+not the one-time import of streaming (and torch), done before timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+
+
+def _documents(args) -> list[str]:
+    if args.text:
+        with open(args.text, encoding="utf-8") as f:
+            blocks = [b for b in f.read().split("\n\n") if b.strip()]
+    else:
+        rng = random.Random(0)
+        words = ["".join(rng.choice("etaoinshrdlucmfwyp") for _ in range(rng.randint(1, 9))) for _ in range(5000)]
+        blocks, size = [], 0
+        while size < args.generate_mb * 1e6:
+            blocks.append(" ".join(rng.choice(words) for _ in range(rng.randint(20, 400))))
+            size += len(blocks[-1])
+    return blocks * args.repeat
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("text", nargs="?", help="a UTF-8 text file (default: generated text)")
+    parser.add_argument("--generate-mb", type=float, default=10.0)
+    parser.add_argument("--repeat", type=int, default=4, help="copies of the documents (more work per start-up)")
+    parser.add_argument("--vocab-size", type=int, default=4000)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args()
+
+    import sentencepiece as spm
+
+    from ratplus_mega.data_prep.to_mds import PrepOptions, prep_shards
+    from ratplus_mega.data_prep.train_tokenizer import TokenizerOptions, train_tokenizer
+
+    import streaming  # noqa: F401 - imports torch (seconds): a one-time cost per job, kept out of the timings
+
+    docs = _documents(args)
+    tmp = tempfile.mkdtemp()
+    # Removed at exit, after streaming's prefetch threads are stopped.
+    atexit.register(shutil.rmtree, tmp, True)
+    for k in range(4):
+        with open(os.path.join(tmp, f"part{k}.jsonl"), "w") as f:
+            f.writelines(json.dumps({"text": d}) + "\n" for d in docs[k::4])
+    tok = train_tokenizer(TokenizerOptions(inputs=[os.path.join(tmp, "part0.jsonl")], vocab_size=args.vocab_size,
+                                           out=os.path.join(tmp, "tok.model")))
+    sp = spm.SentencePieceProcessor(model_file=tok)
+    start = time.perf_counter()
+    tokens = sum(len(ids) + 1 for ids in sp.encode(docs, num_threads=1))
+    raw = tokens / (time.perf_counter() - start)
+    rows = [("sentencepiece encode, 1 process", tokens, raw, raw, 1.0)]
+    for workers in (1, 2):
+        start = time.perf_counter()
+        m = prep_shards(PrepOptions(inputs=[os.path.join(tmp, "*.jsonl")], tokenizer=tok, seq_len=args.seq_len,
+                                    out=os.path.join(tmp, f"out{workers}"), workers=workers, progress=False))
+        n = m["splits"]["train"]["tokens"] + m["splits"]["val"]["tokens"]
+        rate = n / (time.perf_counter() - start)
+        rows.append((f"prep shards, {workers} worker(s)", n, rate, rate / workers, rate / workers / raw))
+    loader_rate = _loader_rate(os.path.join(tmp, "out1", "train"), args, m, sp.eos_id())
+    print(f"\n{len(docs)} documents, vocab {args.vocab_size}, seq_len {args.seq_len}, {os.cpu_count()} CPUs")
+    print(f"{'job':<34}{'tokens':>12}{'tokens/s':>12}{'per worker':>12}{'vs sp':>8}")
+    for name, n, rate, per, ratio in rows:
+        print(f"{name:<34}{n:>12}{rate:>12.3g}{per:>12.3g}{ratio:>8.2f}")
+    print(f"{'train loader, 1 rank, B=' + str(args.batch_size):<34}{'':>12}{loader_rate:>12.3g}")
+
+
+def _loader_rate(folder: str, args, manifest: dict, eos_id: int) -> float:
+    from ratplus_mega.config.schema import DataConfig
+    from ratplus_mega.data.loader import build_train_loader
+    from ratplus_mega.data.streaming import DataLayout
+
+    cfg = DataConfig(train=[folder], num_workers=0)
+    loader = build_train_loader(cfg, seq_len=args.seq_len, vocab_size=manifest["vocab_size"], eos_id=eos_id,
+                                layout=DataLayout(), micro_batch_size=args.batch_size)
+    it = iter(loader)
+    next(it)
+    steps = min(200, manifest["splits"]["train"]["windows"] // args.batch_size - 1)
+    start = time.perf_counter()
+    for _ in range(steps):
+        inputs, _ = next(it)
+    return steps * inputs.numel() / (time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    main()

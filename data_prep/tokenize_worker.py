@@ -1,0 +1,70 @@
+"""Tokenizing worker of ``prep shards``: raw records → per-split token arrays (light imports: it is spawned).
+
+The train/val decision hashes the document key ``"<input key>:<index>"`` with the seed, so it depends on
+neither the worker count nor the order in which chunks are processed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from .readers import BadRecord, Record, parse_record
+
+__all__ = ["ChunkResult", "is_val_document", "init_worker", "tokenize_chunk"]
+
+_STATE: dict = {}
+
+
+@dataclass
+class ChunkResult:
+    """Tokens of one chunk of records: per split, the documents' ids each followed by EOS, concatenated
+    (uint32, in record order), and the document count; plus the records that gave no document."""
+
+    input_index: int
+    final: bool
+    tokens: dict[str, np.ndarray]
+    documents: dict[str, int]
+    bad: list[BadRecord]
+
+
+def is_val_document(key: str, *, seed: int, val_fraction: float) -> bool:
+    """True when the document named ``key`` belongs to the validation split."""
+    if val_fraction <= 0:
+        return False
+    digest = hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64 < val_fraction
+
+
+def init_worker(tokenizer_path: str, text_field: str, seed: int, val_fraction: float) -> None:
+    """Load the tokenizer once per worker process."""
+    import sentencepiece as spm
+
+    _STATE.update(sp=spm.SentencePieceProcessor(model_file=tokenizer_path), text_field=text_field, seed=seed,
+                  val_fraction=val_fraction)
+
+
+def tokenize_chunk(task: tuple[int, str, str, list[Record], bool]) -> ChunkResult:
+    """Parse and tokenize ``(input_index, input_key, kind, records, final)``; no BOS, one EOS per document."""
+    input_index, key, kind, records, final = task
+    sp = _STATE["sp"]
+    texts: dict[str, list[str]] = {"train": [], "val": []}
+    bad: list[BadRecord] = []
+    for rec in records:
+        doc = parse_record(rec, kind=kind, text_field=_STATE["text_field"])
+        if isinstance(doc, BadRecord):
+            bad.append(doc)
+            continue
+        split = "val" if is_val_document(f"{key}:{rec.index}", seed=_STATE["seed"],
+                                         val_fraction=_STATE["val_fraction"]) else "train"
+        texts[split].append(doc)
+    eos = sp.eos_id()
+    tokens = {}
+    for split, docs in texts.items():
+        ids = sp.encode(docs, num_threads=1) if docs else []
+        flat = [t for doc_ids in ids for t in (*doc_ids, eos)]
+        tokens[split] = np.asarray(flat, dtype=np.uint32)
+    return ChunkResult(input_index=input_index, final=final, tokens=tokens,
+                       documents={s: len(d) for s, d in texts.items()}, bad=bad)
