@@ -83,6 +83,7 @@ def run_training(cfg: RunConfig) -> int:
     model = build_model(cfg.model, ctx, seed=cfg.train.seed)
     engine = build_engine(cfg, ctx, model)
     data = build_train_data(cfg, ctx, accum)
+    val_batches = validation_batches(cfg, ctx)
     start = _resume(cfg, ctx, engine, data, out / "checkpoints")
     if start == 0 and cfg.train.phase == "adapt":
         load_pretrained_weights(engine, cfg.train.init_from, _layout(ctx))
@@ -104,7 +105,7 @@ def run_training(cfg: RunConfig) -> int:
         if done % cfg.train.log_interval == 0 or done == steps:
             _log(logger, meter, step, lr, result, cfg, rank0)
         if done % cfg.train.eval_interval == 0 or done == steps:
-            _validate(cfg, ctx, engine.module, validation_batches(cfg, ctx), logger, done, rank0)
+            _validate(cfg, ctx, engine.module, val_batches, logger, done, rank0)
         stopping = stop.any_rank(ctx)
         if done % cfg.train.save_interval == 0 or done == steps or stopping:
             _save(cfg, ctx, engine, data, out / "checkpoints", done)
