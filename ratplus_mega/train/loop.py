@@ -125,11 +125,11 @@ def _resume(cfg, ctx, engine, data, root: Path) -> int:
     marker = read_marker(path)
     layout = _layout(ctx)
     if marker["layout"] != layout:
-        raise RuntimeError(f"{path} was written with layout {marker['layout']}, this run is {layout}: resume with "
+        raise ValueError(f"{path} was written with layout {marker['layout']}, this run is {layout}: resume with "
                            "the same tensor/pipeline/data parallel sizes")
     differing = sorted(k for k, v in model_fingerprint(cfg).items() if marker["model"].get(k) != v)
     if differing:
-        raise RuntimeError(f"{path} holds another model than this config: model.{', model.'.join(differing)} differ")
+        raise ValueError(f"{path} holds another model than this config: model.{', model.'.join(differing)} differ")
     engine.load_checkpoint(str(root), tag=path.name, load_lr_scheduler_states=False)
     state = load_rank_state(path)
     data.load_state_dict(state["data"])
