@@ -122,6 +122,7 @@ def sparse_attention(
     scale: float | None = None,
     *,
     q_offset: int = 0,
+    k_positions: torch.Tensor | None = None,
     return_lse: bool = False,
     block_size: int = 128,
 ):
@@ -130,7 +131,10 @@ def sparse_attention(
 
     Args:
         q: (B, H, Tq, K) at absolute positions ``q_offset .. q_offset + Tq - 1``.
-        k, v: (B, H, Tk, K) at positions ``0 .. Tk - 1``; Tk >= q_offset + Tq.
+        k, v: (B, H, Tk, K) at positions ``0 .. Tk - 1`` (Tk >= q_offset + Tq), or, with ``k_positions``
+            (Tk,), a gathered set of keys at those global positions (context parallelism, chunked prefill).
+            A query none of whose allowed keys is present gets a zero output and a log-sum-exp of -inf, so
+            partial results over disjoint key sets merge exactly.
     Returns:
         out (B, H, Tq, K) in ``q.dtype``, and with ``return_lse`` the natural-log log-sum-exp of the scaled
         scores (B, H, Tq) in fp32.
@@ -140,6 +144,9 @@ def sparse_attention(
     block · (P + Tk/D + block + W) instead of Tk².
     """
     tq, tk = q.shape[-2], k.shape[-2]
+    if k_positions is not None:
+        out, lse = _attend_positions(q, k, v, q_offset, k_positions, (dilation, window, sinks), scale, block_size)
+        return (out, lse) if return_lse else out
     if tk < q_offset + tq:
         raise ValueError(f"sparse_attention: {tk} keys cannot cover queries up to position {q_offset + tq - 1}")
     if not (dilation >= 1 or dilation == -1) or window < 0 or sinks < 0:
@@ -188,6 +195,28 @@ def _attend_block(q, k, v, first: int, pattern: Pattern, grid: torch.Tensor, sca
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse[..., None])
     return torch.matmul(probs, values.float()), lse
+
+
+def _attend_positions(q, k, v, q_offset: int, k_positions: torch.Tensor, pattern: Pattern, scale, block_size: int):
+    """Masked softmax over keys at arbitrary global positions, one block of queries at a time."""
+    dilation, window, sinks = pattern
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    kpos = k_positions.to(q.device)[None, :]
+    outs, lses = [], []
+    for start in range(0, q.shape[-2], block_size):
+        qb = q[..., start:start + block_size, :]
+        qpos = torch.arange(q_offset + start, q_offset + start + qb.shape[-2], device=q.device)[:, None]
+        near = (qpos - kpos <= window) | (kpos < sinks)
+        if dilation != -1:
+            near = near | ((kpos + 1) % dilation == 0)
+        allowed = (kpos <= qpos) & near
+        scores = torch.matmul(qb.float(), k.float().transpose(-1, -2)) * scale
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)  # rows with no key: -inf - -inf
+        outs.append(torch.matmul(probs, v.float()))
+        lses.append(lse)
+    return torch.cat(outs, dim=-2).to(q.dtype), torch.cat(lses, dim=-1)
 
 
 def attention(q, k, v, pattern: Pattern, scale: float | None = None):

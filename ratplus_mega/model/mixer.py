@@ -42,18 +42,23 @@ class ParallelMixer(nn.Module):
     def _heads(self, t: torch.Tensor) -> torch.Tensor:  # [T, B, H*K] -> (B, H, T, K)
         return t.unflatten(-1, (self.heads, self.head_dim)).permute(1, 2, 0, 3)
 
-    def forward(self, u: torch.Tensor, *, attention_mode: str = "sparse") -> torch.Tensor:
-        """u: normed input [T, B, d] ([T/tp, B, d] under sequence parallel); returns the same shape."""
+    def forward(self, u: torch.Tensor, *, attention_mode: str = "sparse", position_offset: int = 0) -> torch.Tensor:
+        """u: normed input [T, B, d] ([T/tp, B, d] under sequence parallel); returns the same shape.
+
+        ``position_offset`` is the global position of the first token: RoPE and the grid rule use global
+        positions, so a context-parallel chunk computes what the same tokens compute in the whole sequence
+        (attending here to its own keys; keys of earlier chunks are the context-parallel layer's to add)."""
         z, _ = self.in_proj(u)  # [T, B, slices * width]
         o, q, k, v, *g = z.split(self.width, dim=-1)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
         if self.recurrence:
             gate = torch.sigmoid(self._heads(g[0]).float())
             k, v, _ = ops.recurrence(gate, k, v)
-        positions = torch.arange(q.shape[-2], device=q.device)
+        positions = torch.arange(position_offset, position_offset + q.shape[-2], device=q.device)
         q, k = ops.apply_rotary(q, positions, self.rope_theta), ops.apply_rotary(k, positions, self.rope_theta)
         pattern = ops.DENSE if attention_mode == "dense" else self.pattern
-        a = ops.attention(q, k, v, pattern)  # (B, H, T, K)
+        a = ops.attention(q, k, v, pattern, q_offset=position_offset,
+                          k_positions=positions if position_offset else None)  # (B, H, T, K)
         y = a.permute(2, 0, 1, 3).flatten(2) * torch.sigmoid(o)  # [T, B, width]
         out, _ = self.out_proj(y)
         return out

@@ -30,9 +30,11 @@ def recurrence(gate: torch.Tensor, k: torch.Tensor, v: torch.Tensor, initial_sta
     return h[0], h[1], state
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, *, q_offset: int = 0):
-    """Causal attention of q (B, H, Tq, K) at positions q_offset.. over k, v (B, H, Tk, K) at 0..Tk-1."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, *, q_offset: int = 0,
+              k_positions: torch.Tensor | None = None):
+    """Causal attention of q (B, H, Tq, K) at global positions q_offset.. over k, v (B, H, Tk, K) at positions
+    0..Tk-1, or at ``k_positions`` when the keys are a gathered set (context parallelism)."""
     fused = _kernel("sparse_attention", q)
-    if fused is not None:
+    if fused is not None and k_positions is None:
         return fused(q, k, v, *pattern, q_offset=q_offset)
-    return sparse_attention(q, k, v, *pattern, q_offset=q_offset)
+    return sparse_attention(q, k, v, *pattern, q_offset=q_offset, k_positions=k_positions)

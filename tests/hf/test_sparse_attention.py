@@ -159,3 +159,35 @@ def test_mask_rule_examples():
     assert torch.nonzero(m[13]).flatten().tolist() == [0, 1, 2, 3, 7, 11, 13]
     m = allowed(pos, pos, -1, 2, 1)
     assert torch.nonzero(m[13]).flatten().tolist() == [0, 11, 12, 13]
+
+
+GATHER_CASES = [(48, 4, 3, 2, 24), (40, 8, 0, 0, 16), (45, -1, 6, 3, 30), (36, 3, 5, 4, 12)]
+
+
+@pytest.mark.parametrize("t,d,w,p,offset", GATHER_CASES,
+                         ids=[f"{pattern_id(t, d, w, p)}-off{o}" for t, d, w, p, o in GATHER_CASES])
+def test_gathered_keys_at_global_positions(assert_close, t, d, w, p, offset):
+    """A context-parallel chunk: queries offset.. see only the sinks, the earlier grid keys, a W-token halo and
+    their own chunk; that gathered set gives the full-prefix result, and two disjoint key sets merged by
+    log-sum-exp give it too."""
+    q_all, k, v = qkv(1, 2, t, t, 8, seed=t + offset)
+    q = q_all[..., offset:, :]
+    positions = torch.arange(t)
+    grid = ((positions + 1) % d == 0) if d != -1 else torch.zeros(t, dtype=torch.bool)
+    keep = (positions < p) | grid | (positions >= offset - w)
+    chosen = positions[keep]
+    out, lse = sparse_attention(q, k[..., chosen, :], v[..., chosen, :], d, w, p, q_offset=offset,
+                                k_positions=chosen, return_lse=True, block_size=8)
+    ref_out, ref_lse = masked_dense(q, k, v, d, w, p, q_offset=offset)
+    assert_close("out", out, ref_out, FP32_VALUES)
+    assert_close("lse", lse, ref_lse, FP32_VALUES)
+
+    early, late = positions[positions < offset], positions[positions >= offset]
+    o1, l1 = sparse_attention(q, k[..., early, :], v[..., early, :], d, w, p, q_offset=offset, k_positions=early,
+                              return_lse=True)
+    o2, l2 = sparse_attention(q, k[..., late, :], v[..., late, :], d, w, p, q_offset=offset, k_positions=late,
+                              return_lse=True)
+    m = torch.maximum(l1, l2)
+    w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)
+    merged = (w1[..., None] * o1 + w2[..., None] * o2) / (w1 + w2)[..., None]
+    assert_close("merged out", merged, ref_out, FP32_VALUES)
