@@ -147,3 +147,21 @@ def test_start_up_errors_name_the_problem(tiny_shards, tmp_path):
         proc = _run(_train_cmd(tiny_shards, tmp_path / "run", override))
         assert proc.returncode == 2, (override, proc.stderr[-2000:])
         assert message in proc.stderr, (override, proc.stderr[-2000:])
+
+
+def test_adaptation_starts_from_the_pretrained_weights(tiny_shards, tmp_path, reference_run):
+    """phase=adapt: weights only from the pretraining checkpoint, the target pattern, random-offset windows,
+    no warmup. Its first loss is the pretrained model's level, not a fresh model's ln(512) = 6.24."""
+    pretrained = tmp_path / "pretrain"
+    first = _run(_train_cmd(tiny_shards, pretrained))
+    assert first.returncode == 0, first.stderr[-3000:]
+    adapt = _run(_train_cmd(tiny_shards, tmp_path / "adapt", "train.phase=adapt", "train.joint=false",
+                            f"train.init_from={pretrained}/checkpoints", "model.pattern.dilation=4",
+                            "model.pattern.window=8", "model.pattern.sinks=2", "data.sampler=random_offset",
+                            "train.lr=3e-4", "train.warmup_fraction=0", "train.train_tokens=4096"))
+    assert adapt.returncode == 0, adapt.stderr[-3000:]
+    lines = [line for line in adapt.stdout.splitlines() if line.startswith("step ")]
+    assert len(lines) == 4 and " dense " not in lines[0]
+    first_loss = float(lines[0].split()[3])
+    assert first_loss < float(reference_run[0][16][0]) + 0.5, first_loss
+    assert "validation step 4 [D4-W8-P2]" in adapt.stdout

@@ -1,0 +1,73 @@
+"""Engine configuration rules, activation checkpointing and the non-finite loss guard."""
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from ratplus_mega.config import load_config
+from ratplus_mega.model import build_model
+from ratplus_mega.model.mapping import to_reference_state_dict
+from ratplus_mega.parallel import ParallelContext
+from ratplus_mega.train.engine import apply_activation_checkpointing, deepspeed_config, gradient_accumulation_steps
+from ratplus_mega.train.joint import PassResult, StepResult
+from ratplus_mega.train.loop import _check_finite
+
+
+@pytest.fixture(scope="module")
+def single_rank():
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def _ctx(**sizes):
+    return ParallelContext(tp=sizes.get("tp", 1), pp=sizes.get("pp", 1), cp=1, dp=sizes.get("dp", 1), tp_rank=0,
+                           pp_rank=0, cp_rank=0, dp_rank=0, sequence_parallel=False)
+
+
+def test_deepspeed_config_follows_the_recipe():
+    cfg = load_config("configs/train/pretrain-1.5b-100bt.yaml")
+    conf = deepspeed_config(cfg, _ctx(dp=64))
+    assert conf["gradient_accumulation_steps"] == 4  # spec §2.5: 512 = 2 x 64 GPUs x 4
+    assert conf["train_batch_size"] == 512 and conf["gradient_clipping"] == 1.0
+    assert conf["bf16"] == {"enabled": True} and conf["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert conf["optimizer"]["params"]["betas"] == [0.9, 0.95] and conf["optimizer"]["params"]["weight_decay"] == 0.1
+    assert "managed_gradient_accumulation" not in conf
+    piped = load_config("configs/train/pretrain-1.5b-100bt.yaml", ["parallel.pipeline_parallel=2"])
+    assert deepspeed_config(piped, _ctx(pp=2, dp=32))["managed_gradient_accumulation"] is False
+    zero0 = load_config("configs/train/pretrain-1.5b-100bt.yaml", ["parallel.pipeline_parallel=2",
+                                                                   "parallel.zero_stage=0"])
+    with pytest.raises(ValueError, match="zero_stage"):
+        deepspeed_config(zero0, _ctx(pp=2, dp=32))
+
+
+def test_batch_sizes_that_do_not_divide_over_ranks_are_refused():
+    cfg = load_config("configs/train/pretrain-1.5b-100bt.yaml")
+    with pytest.raises(ValueError, match="multiple of train.micro_batch_size .2. x data-parallel ranks .3."):
+        gradient_accumulation_steps(cfg, _ctx(dp=3))
+
+
+def test_activation_checkpointing_gives_the_same_gradients(single_rank):
+    cfg = load_config("configs/model/tiny.yaml", ["model.pattern.window=2"])
+    ctx = ParallelContext.initialize(cfg.parallel)
+    tokens = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (False, True):
+        model = build_model(cfg.model, ctx, seed=3)
+        if checkpointing:
+            apply_activation_checkpointing(model)
+        model(tokens[:, :-1], tokens[:, 1:]).backward()
+        grads.append(to_reference_state_dict(model, grads=True))
+    for name, grad in grads[0].items():
+        assert torch.equal(grads[1][name], grad), name
+
+
+def test_non_finite_loss_stops_naming_the_step_and_checkpoint(tmp_path):
+    ok = PassResult(loss=2.0, grad_norm=1.0)
+    _check_finite(StepResult(ok, ok), 3, tmp_path)
+    with pytest.raises(RuntimeError, match=r"non-finite loss \[2.0, nan\] at step 7; last good checkpoint: none"):
+        _check_finite(StepResult(ok, PassResult(loss=float("nan"), grad_norm=1.0)), 7, tmp_path)
