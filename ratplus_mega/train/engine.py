@@ -33,9 +33,9 @@ def gradient_accumulation_steps(cfg: RunConfig, ctx: ParallelContext) -> int:
 
 def deepspeed_config(cfg: RunConfig, ctx: ParallelContext) -> dict:
     t, p = cfg.train, cfg.parallel
-    if ctx.pp > 1 and p.zero_stage == 0:
-        raise ValueError("parallel.zero_stage: use ZeRO 1 or 2 with pipeline parallel (DeepSpeed's ZeRO-0 "
-                         "clipping counts the tied embedding twice)")
+    if ctx.pp > 1 and p.zero_stage != 1:
+        raise ValueError("parallel.zero_stage: pipeline parallel runs with ZeRO-1 (DeepSpeed's ZeRO-0 clipping "
+                         "counts the tied embedding twice; ZeRO-2 under megatron-core's schedule is not verified)")
     accum = gradient_accumulation_steps(cfg, ctx)
     bf16 = t.precision == "bf16"
     config = {
