@@ -120,6 +120,17 @@ def cmd_prep_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .inference.generate import generate_text
+
+    g = generate_text(args.model, args.prompt, max_new_tokens=args.max_new_tokens, pattern=args.pattern,
+                      dense=args.dense)
+    print(args.prompt + g.text)
+    print(f"\n[{g.pattern}] {g.prompt_tokens} prompt + {g.new_tokens} new tokens, {g.tokens_per_second:.1f} "
+          f"tokens/s, decode cache {g.cache_bytes} bytes")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ratplus", description="RAT+ pretraining stack")
     parser.add_argument("--version", action="version", version=f"ratplus-mega {__version__}")
@@ -176,6 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="a run config, e.g. configs/train/tiny-cpu.yaml")
     train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     train.set_defaults(func=cmd_train)
+
+    gen = sub.add_parser("generate", help="greedy generation from an HF folder with the compressed cache")
+    gen.add_argument("--model", required=True, help="an HF folder written by import-public or export")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    mode = gen.add_mutually_exclusive_group()
+    mode.add_argument("--pattern", type=_parse_pattern, metavar="D,W,P",
+                      help="decode with this sparse pattern in every layer (write --pattern=-1,W,P for D=-1)")
+    mode.add_argument("--dense", action="store_true", help="dense attention with a full cache")
+    gen.set_defaults(func=cmd_generate)
     return parser
 
 

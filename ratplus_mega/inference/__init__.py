@@ -1,0 +1,1 @@
+"""Generation from exported models with the compressed decode cache."""
