@@ -4,4 +4,7 @@ The reference model and the training model look kernels up by name and fall back
 functions of ``ratplus_mega/hf/modeling_ratplus.py`` when one is absent or the tensors are not on CUDA.
 """
 
-__all__: list[str] = []
+from .scan import gated_scan, gated_scan_kv
+from .sparse_attn import sparse_attention
+
+__all__ = ["gated_scan", "gated_scan_kv", "sparse_attention"]

@@ -2,14 +2,21 @@
 
 Fused Triton kernels (``ratplus_mega.kernels``) on CUDA when they provide the op; otherwise the reference
 model's pure-torch functions, so the CPU path runs exactly the code the parity tests hold as truth.
+``RATPLUS_DISABLE_KERNELS=1`` selects the torch functions on CUDA too (the same switch as the reference model's).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from .. import kernels
 from ..hf.modeling_ratplus import DENSE, apply_rotary, gated_scan, sparse_attention
+
+try:
+    from .. import kernels
+except ImportError:  # no Triton on this platform
+    kernels = None
 
 Pattern = tuple[int, int, int]
 
@@ -17,7 +24,9 @@ __all__ = ["DENSE", "apply_rotary", "attention", "recurrence"]
 
 
 def _kernel(name: str, tensor: torch.Tensor):
-    return getattr(kernels, name, None) if tensor.is_cuda else None
+    if kernels is None or not tensor.is_cuda or os.environ.get("RATPLUS_DISABLE_KERNELS", "0") == "1":
+        return None
+    return getattr(kernels, name, None)
 
 
 def recurrence(gate: torch.Tensor, k: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None = None):

@@ -1,0 +1,246 @@
+"""Fused Triton kernels against their baselines on one GPU, forward + backward, at the 1.5B layer's shapes.
+
+    python benchmarks/kernels.py                 # every shape below
+    python benchmarks/kernels.py --quick         # B·T = 16k only
+
+Scan (16 heads × 128, k and v in bf16, fp32 gate): ``gated_scan_kv`` beside the torch fallback (the reference
+model's Hillis–Steele scan over stacked k, v) and a ``torch.compile``d ``associative_scan`` over the official
+code's layout (gate duplicated over [k | v], fp32). Bandwidth is the minimal traffic of fwd + bwd (forward
+reads gate, k, v and writes k̃, ṽ; backward reads gate, k, v, dk̃, dṽ and writes dgate, dk, dv) over the
+time, as a share of a device-to-device copy measured in the same run.
+
+Sparse attention (bf16, P = 4, D ∈ {1, 16, 64}, W ∈ {0, 256}) beside SDPA dense causal and flex_attention's
+two-call LSE merge (grid keys gathered + local/sink mask, as the official code runs it). TFLOP/s count the
+allowed (q, k) pairs: 4·K flops per pair forward, 2.5× that backward.
+
+Every ratio is to a baseline timed in the same run. Prints one table plus device, versions and git commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+HEADS, HEAD_DIM = 16, 128
+SHAPES = [(4, 4096), (16, 4096), (1, 16384), (4, 16384)]  # (batch, time): 16k-64k tokens per step
+PATTERNS = [(d, w, 4) for d in (1, 16, 64) for w in (0, 256)]
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def time_ms(fn, grad_to_none) -> float | str:
+    """Median ms of ``fn`` (forward + backward), or a short reason when it cannot run."""
+    import triton.testing
+
+    try:
+        return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return "OOM"
+    except Exception as exc:  # a baseline that does not compile or run here is reported, not fatal
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        torch.cuda.empty_cache()
+        return f"failed: {type(exc).__name__}"
+
+
+def fwd_bwd(fn, inputs, grads):
+    def step():
+        outs = fn(*inputs)
+        outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+        torch.autograd.backward([o for o in outs[:len(grads)]], grads)
+
+    return step
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a 1 GiB device-to-device copy (read + write)."""
+    import triton.testing
+
+    src = torch.empty(1 << 28, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=50, return_mode="median")
+    return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
+def scan_rows(shapes, copy_bw) -> list[list[str]]:
+    from torch._higher_order_ops.associative_scan import associative_scan
+
+    from ratplus_mega.hf.modeling_ratplus import gated_scan
+    from ratplus_mega.kernels import gated_scan_kv
+
+    def combine(left, right):
+        return right[0] * left[0], right[0] * left[1] + right[1]
+
+    @torch.compile
+    def official(gate, k, v):
+        f = torch.cat([gate, gate], dim=-1)
+        kv = torch.cat([k, v], dim=-1).float()
+        return associative_scan(combine, (f, (1 - f) * kv), dim=2)[1].to(k.dtype)
+
+    def fallback(gate, k, v):
+        h, _ = gated_scan(gate, torch.stack([k, v]))
+        return h[0], h[1]
+
+    rows = []
+    for batch, time in shapes:
+        shape = (batch, HEADS, time, HEAD_DIM)
+        gate = torch.sigmoid(torch.randn(shape, device="cuda")).requires_grad_()
+        k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(2))
+        dk, dv = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        leaves = [gate, k, v]
+        fused = time_ms(fwd_bwd(lambda g, a, b: gated_scan_kv(g, a, b)[:2], leaves, [dk, dv]), leaves)
+        ref = time_ms(fwd_bwd(fallback, leaves, [dk, dv]), leaves)
+        comp = time_ms(fwd_bwd(official, leaves, [torch.cat([dk, dv], -1)]), leaves)
+        n = gate.numel()
+        traffic = n * (4 + 2 * 2 + 2 * 2) + n * (4 + 2 * 2 + 2 * 2 + 4 + 2 * 2)  # fwd + bwd bytes
+        case = f"scan B{batch}-T{time}"
+        for name, ms in [("triton gated_scan_kv", fused), ("torch fallback", ref), ("compiled assoc. scan", comp)]:
+            rows.append([case, name, _fmt(ms), _ratio(ms, ref), _ratio(ms, comp),
+                         _fmt_bw(traffic, ms, copy_bw) if name.startswith("triton") else ""])
+        del gate, k, v, dk, dv, leaves
+        torch.cuda.empty_cache()
+    return rows
+
+
+def allowed_pairs(time: int, dilation: int, window: int, sinks: int) -> int:
+    """Number of (q, k) pairs the pattern allows for q, k in 0..time-1 (RATPLUS_SPEC.md §1.3)."""
+    q = torch.arange(time, dtype=torch.float64)
+    local = torch.minimum(q, torch.tensor(float(window))) + 1
+    far_sinks = torch.clamp(torch.minimum(q - window, torch.tensor(float(sinks))), min=0)
+    far_grid = torch.zeros_like(q)
+    if dilation >= 1:
+        start = sinks + (dilation - 1 - sinks) % dilation
+        far_grid = torch.clamp(torch.floor((q - window - 1 - start) / dilation) + 1, min=0)
+    return int((local + far_sinks + far_grid).sum().item())
+
+
+def flex_merge_fn(time: int, pattern):
+    """The official two-call evaluation: grid keys (gathered) and local/sink keys, merged by their LSEs."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    dilation, window, sinks = pattern
+    start = sinks + (dilation - 1 - sinks) % dilation
+    n_grid = len(range(start, time, dilation))
+
+    def grid_mask(b, h, qi, kj):
+        return (qi - window) // dilation > kj + sinks // dilation
+
+    def local_mask(b, h, qi, ki):
+        return (ki <= qi) & ((qi - ki <= window) | (ki < sinks))
+
+    grid_bm = create_block_mask(grid_mask, None, None, time, n_grid, device="cuda")
+    local_bm = create_block_mask(local_mask, None, None, time, time, device="cuda")
+    flex = torch.compile(flex_attention)
+
+    def run(q, k, v):
+        o1, l1 = flex(q, k[:, :, start::dilation], v[:, :, start::dilation], block_mask=grid_bm, return_lse=True)
+        o2, l2 = flex(q, k, v, block_mask=local_bm, return_lse=True)
+        m = torch.maximum(l1, l2)
+        w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)
+        total = w1 + w2
+        return (o1 * (w1 / total)[..., None] + o2 * (w2 / total)[..., None]).to(q.dtype)
+
+    return run
+
+
+def attention_rows(shapes) -> list[list[str]]:
+    import torch.nn.functional as F
+
+    from ratplus_mega.kernels import sparse_attention
+
+    rows = []
+    for batch, time in shapes:
+        shape = (batch, HEADS, time, HEAD_DIM)
+        q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+        do = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+        leaves = [q, k, v]
+        sdpa = time_ms(fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True), leaves,
+                               [do]), leaves)
+        dense_flops = 3.5 * 4 * HEAD_DIM * batch * HEADS * allowed_pairs(time, 1, 0, 0)
+        rows.append([f"attn B{batch}-T{time} dense", "SDPA causal", _fmt(sdpa), "1.00", "", _fmt_tflops(dense_flops,
+                                                                                                      sdpa)])
+        for pattern in PATTERNS:
+            flops = 3.5 * 4 * HEAD_DIM * batch * HEADS * allowed_pairs(time, *pattern)
+            case = f"attn B{batch}-T{time} D{pattern[0]}-W{pattern[1]}-P{pattern[2]}"
+            fused = time_ms(fwd_bwd(lambda a, b, c: sparse_attention(a, b, c, *pattern), leaves, [do]), leaves)
+            try:
+                flex = time_ms(fwd_bwd(flex_merge_fn(time, pattern), leaves, [do]), leaves)
+            except Exception as exc:  # block-mask construction itself may fail on an older torch
+                flex = f"failed: {type(exc).__name__}"
+            rows.append([case, "triton sparse_attention", _fmt(fused), _ratio(fused, sdpa), _ratio(fused, flex),
+                         _fmt_tflops(flops, fused)])
+            rows.append([case, "flex two-call merge", _fmt(flex), _ratio(flex, sdpa), "1.00",
+                         _fmt_tflops(flops, flex)])
+        del q, k, v, do, leaves
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _fmt(ms) -> str:
+    return f"{ms:.3f}" if isinstance(ms, float) else ms
+
+
+def _ratio(ms, base) -> str:
+    return f"{ms / base:.2f}" if isinstance(ms, float) and isinstance(base, float) else "n/a"
+
+
+def _fmt_bw(nbytes: int, ms, copy_bw: float) -> str:
+    if not isinstance(ms, float):
+        return ""
+    bw = nbytes / (ms * 1e-3)
+    return f"{bw / 1e9:.0f} GB/s = {100 * bw / copy_bw:.0f}% of copy"
+
+
+def _fmt_tflops(flops: float, ms) -> str:
+    return f"{flops / (ms * 1e-3) / 1e12:.0f} TFLOP/s" if isinstance(ms, float) else ""
+
+
+def print_table(rows: list[list[str]]) -> None:
+    header = ["case", "implementation", "fwd+bwd ms", "× torch fallback / SDPA", "× compiled scan / flex",
+              "throughput"]
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    print(line(header))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print(line(r))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="only the 16k-token shapes")
+    parser.add_argument("--skip-scan", action="store_true")
+    parser.add_argument("--skip-attention", action="store_true")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/kernels.py times Triton kernels and needs a CUDA GPU; none is visible here. "
+                 "The kernels' correctness tests run on CPU: TRITON_INTERPRET=1 python -m pytest tests/kernels")
+    import triton
+
+    shapes = [s for s in SHAPES if s[0] * s[1] == 16384] if args.quick else SHAPES
+    copy_bw = copy_bandwidth()
+    props = torch.cuda.get_device_properties(0)
+    print(f"device: {props.name} ({props.total_memory / 2**30:.0f} GiB), torch {torch.__version__}, "
+          f"triton {triton.__version__}, CUDA {torch.version.cuda}, commit {git_commit()}")
+    print(f"measured device-to-device copy bandwidth: {copy_bw / 1e9:.0f} GB/s")
+    rows = []
+    if not args.skip_scan:
+        rows += scan_rows(shapes, copy_bw)
+    if not args.skip_attention:
+        rows += attention_rows(shapes)
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()

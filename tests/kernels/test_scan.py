@@ -1,0 +1,150 @@
+"""Fused gated scan (kernels/scan) against the reference ``gated_scan``: values, final state and every gradient.
+
+Under the interpreter the checkpoint chunk is 16 steps, so T = 37 and 70 cross several chunk boundaries with a
+partial last chunk; C = 20 leaves a partial channel block.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ratplus_mega.hf.modeling_ratplus import gated_scan as reference_scan
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 2e-2)}  # (values, gradients): DESIGN.md
+DTYPE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
+def make_gate(shape, generator) -> torch.Tensor:
+    # Gates over the whole of (0, 1), long memories close to 1 included.
+    return torch.sigmoid(3 * torch.randn(shape, generator=generator, dtype=torch.float64)).float()
+
+
+def run_and_grad(fn, inputs, weights):
+    """Call ``fn(*inputs)``, back-propagate sum(output · weight) over every output, return outputs and grads."""
+    outs = fn(*inputs)
+    loss = sum((o.float() * w).sum() for o, w in zip(outs, weights) if w is not None)
+    leaves = [t for t in inputs if t is not None]
+    grads = torch.autograd.grad(loss, leaves)
+    return [o.detach() for o in outs], list(grads)
+
+
+SCAN_CASES = [
+    # B, H, T, C, dtype, with initial state
+    (1, 2, 37, 20, torch.float32, True),
+    (2, 1, 70, 16, torch.float32, False),
+    (1, 1, 1, 5, torch.float32, True),
+    (1, 2, 37, 20, torch.bfloat16, True),
+]
+
+
+def scan_id(case) -> str:
+    b, h, t, c, dtype, h0 = case
+    return f"B{b}-H{h}-T{t}-C{c}-{DTYPE_NAME[dtype]}" + ("-h0" if h0 else "")
+
+
+@pytest.mark.parametrize("case", SCAN_CASES, ids=[scan_id(c) for c in SCAN_CASES])
+def test_gated_scan_matches_reference(kernels, compare, nan_poison, device, case):
+    b, h, t, c, dtype, with_h0 = case
+    g = torch.Generator().manual_seed(t * 100 + c)
+    gate = make_gate((b, h, t, c), g).to(device, dtype).requires_grad_()  # bf16 case: bf16 gate and input
+    x = torch.randn((b, h, t, c), generator=g).to(device, dtype).requires_grad_()
+    h0 = torch.randn((b, h, c), generator=g).to(device).requires_grad_() if with_h0 else None
+    weights = [torch.randn((b, h, t, c), generator=g).to(device), torch.randn((b, h, c), generator=g).to(device)]
+    with nan_poison():
+        (out, final), grads = run_and_grad(kernels.gated_scan, (gate, x, h0), weights)
+    (ref_out, ref_final), ref_grads = run_and_grad(reference_scan, (gate, x, h0), weights)
+    assert out.dtype == dtype and final.dtype == torch.float32 and final.shape == (b, h, c)
+    tol_v, tol_g = TOL[dtype]
+    compare("h", out, ref_out, tol_v)
+    compare("final_state", final, ref_final, tol_v)
+    for name, got, ref in zip(["d_gate", "d_x", "d_initial_state"], grads, ref_grads):
+        assert got.dtype == ref.dtype, name
+        compare(name, got, ref, tol_g)
+
+
+def reference_kv(gate, k, v, initial_state):
+    out, state = reference_scan(gate, torch.stack([k, v]), initial_state)
+    return out[0], out[1], state
+
+
+KV_CASES = [
+    # B, H, T, K, k/v dtype (the gate is fp32, as the layer makes it), with initial state, read k and v as
+    # strided views of one fused projection
+    (1, 2, 37, 16, torch.float32, True, True),
+    (2, 1, 70, 16, torch.bfloat16, False, False),
+]
+
+
+def kv_id(case) -> str:
+    b, h, t, k, dtype, h0, strided = case
+    return f"B{b}-H{h}-T{t}-K{k}-{DTYPE_NAME[dtype]}" + ("-h0" if h0 else "") + ("-strided" if strided else "")
+
+
+@pytest.mark.parametrize("case", KV_CASES, ids=[kv_id(c) for c in KV_CASES])
+def test_gated_scan_kv_matches_reference(kernels, compare, nan_poison, device, case):
+    b, h, t, kd, dtype, with_h0, strided = case
+    g = torch.Generator().manual_seed(t * 10 + kd)
+    gate = make_gate((b, h, t, kd), g).to(device).requires_grad_()
+    if strided:  # (B, T, [k|v], H, K) as a projection writes it; the kernel reads k and v through strides
+        kv = torch.randn((b, t, 2, h, kd), generator=g).to(device, dtype).requires_grad_()
+        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+        assert not k.is_contiguous()
+    else:
+        k = torch.randn((b, h, t, kd), generator=g).to(device, dtype).requires_grad_()
+        v = torch.randn((b, h, t, kd), generator=g).to(device, dtype).requires_grad_()
+    h0 = torch.randn((2, b, h, kd), generator=g).to(device).requires_grad_() if with_h0 else None
+    weights = [torch.randn((b, h, t, kd), generator=g).to(device) for _ in range(2)]
+    weights.append(torch.randn((2, b, h, kd), generator=g).to(device))
+    with nan_poison():
+        outs, grads = run_and_grad(kernels.gated_scan_kv, (gate, k, v, h0), weights)
+    ref_outs, ref_grads = run_and_grad(reference_kv, (gate, k, v, h0), weights)
+    assert outs[2].dtype == torch.float32 and outs[2].shape == (2, b, h, kd)
+    tol_v, tol_g = TOL[dtype]
+    for name, got, ref in zip(["k_tilde", "v_tilde", "final_state"], outs, ref_outs):
+        compare(name, got, ref, tol_v)
+    for name, got, ref in zip(["d_gate", "d_k", "d_v", "d_initial_state"], grads, ref_grads):
+        compare(name, got, ref, tol_g)
+
+
+def test_gated_scan_kv_with_unused_outputs(kernels, compare, device):
+    """Only k̃ reaches the loss: the missing gradients of ṽ and of the final state count as zeros."""
+    g = torch.Generator().manual_seed(3)
+    gate = make_gate((1, 1, 20, 16), g).to(device).requires_grad_()
+    k, v = (torch.randn((1, 1, 20, 16), generator=g).to(device).requires_grad_() for _ in range(2))
+    weights = [torch.randn((1, 1, 20, 16), generator=g).to(device), None, None]
+    _, grads = run_and_grad(kernels.gated_scan_kv, (gate, k, v, None), weights)
+    _, ref_grads = run_and_grad(reference_kv, (gate, k, v, None), weights)
+    for name, got, ref in zip(["d_gate", "d_k", "d_v"], grads, ref_grads):
+        compare(name, got, ref, 1e-4)
+    assert not grads[2].any()
+
+
+def test_gated_scan_rejects_bad_inputs(kernels, device):
+    x = torch.randn(1, 1, 8, 4, device=device)
+    with pytest.raises(ValueError, match="gate"):
+        kernels.gated_scan(torch.rand(1, 1, 8, 5, device=device), x)
+    with pytest.raises(ValueError, match="dtype"):
+        kernels.gated_scan(torch.rand(1, 1, 8, 4, device=device), x.double())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("with_h0", [False, True], ids=["zero-state", "h0"])
+def test_gated_scan_kv_full_size(kernels, compare, with_h0):
+    """The 1.5B layer's shape: B2-H16-T4096-K128, bf16 keys and values, fp32 gate."""
+    b, h, t, kd = 2, 16, 4096, 128
+    g = torch.Generator().manual_seed(0)
+    gate = make_gate((b, h, t, kd), g).cuda().requires_grad_()
+    k, v = (torch.randn((b, h, t, kd), generator=g).cuda().bfloat16().requires_grad_() for _ in range(2))
+    h0 = torch.randn((2, b, h, kd), generator=g).cuda().requires_grad_() if with_h0 else None
+    weights = [torch.randn((b, h, t, kd), generator=g).cuda() for _ in range(2)]
+    weights.append(torch.randn((2, b, h, kd), generator=g).cuda())
+    outs, grads = run_and_grad(kernels.gated_scan_kv, (gate, k, v, h0), weights)
+    ref_outs, ref_grads = run_and_grad(reference_kv, (gate, k, v, h0), weights)
+    for name, got, ref in zip(["k_tilde", "v_tilde", "final_state"], outs, ref_outs):
+        compare(name, got, ref, 2e-2)
+    for name, got, ref in zip(["d_gate", "d_k", "d_v", "d_initial_state"], grads, ref_grads):
+        compare(name, got, ref, 2e-2)

@@ -1,0 +1,111 @@
+"""Fused sparse attention (kernels/sparse_attn) against the reference ``sparse_attention``: output, LSE and the
+gradients of q, k and v (the loss also uses the LSE, so its gradient path is checked too).
+
+Under the interpreter the tiles are 16 × 16: T = 37 and 70 leave partial tiles, W = 17 spans two tiles,
+D = 16 puts one grid key per tile (gathered), D = 3 and 4 several, and q_offset > 0 starts queries inside a
+tile with keys beyond the last query.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ratplus_mega.hf.modeling_ratplus import sparse_attention as reference_attention
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 2e-2)}  # (values, gradients): DESIGN.md
+DTYPE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+CASES = [
+    # B, H, Tq, Tk, K, D, W, P, q_offset, dtype
+    (1, 2, 37, 37, 16, 4, 5, 1, 0, torch.float32),
+    (1, 1, 70, 70, 16, 1, 0, 0, 0, torch.float32),
+    (1, 1, 70, 70, 16, 3, 5, 1, 0, torch.float32),
+    (1, 1, 70, 70, 16, 4, 0, 0, 0, torch.float32),
+    (1, 1, 70, 70, 16, 16, 17, 4, 0, torch.float32),
+    (1, 1, 70, 70, 16, 16, 0, 0, 0, torch.float32),
+    (1, 1, 70, 70, 16, -1, 5, 4, 0, torch.float32),
+    (1, 1, 70, 70, 16, -1, 0, 0, 0, torch.float32),
+    (1, 1, 70, 70, 16, -1, 0, 70, 0, torch.float32),  # dense written as sinks
+    (2, 1, 37, 37, 24, 3, 17, 4, 0, torch.float32),  # head dim below its power-of-two tile
+    (1, 2, 30, 70, 16, 4, 5, 4, 20, torch.float32),  # chunked prefill: keys after the last query
+    (1, 1, 21, 37, 16, 16, 5, 1, 16, torch.float32),
+    (1, 2, 37, 37, 16, 4, 5, 1, 0, torch.bfloat16),
+    (1, 1, 70, 70, 16, 16, 17, 4, 0, torch.bfloat16),
+]
+
+
+def case_id(case) -> str:
+    b, h, tq, tk, kd, d, w, p, off, dtype = case
+    t = f"T{tq}" if tq == tk and off == 0 else f"Tq{tq}-Tk{tk}-off{off}"
+    return f"B{b}-H{h}-{t}-K{kd}-D{d}-W{w}-P{p}-{DTYPE_NAME[dtype]}"
+
+
+def run_and_grad(fn, q, k, v, pattern, q_offset, weights):
+    out, lse = fn(q, k, v, *pattern, q_offset=q_offset, return_lse=True)
+    loss = (out.float() * weights[0]).sum() + (lse * weights[1]).sum()
+    return out.detach(), lse.detach(), torch.autograd.grad(loss, (q, k, v))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
+def test_sparse_attention_matches_reference(kernels, compare, nan_poison, device, case):
+    b, h, tq, tk, kd, d, w, p, off, dtype = case
+    g = torch.Generator().manual_seed(tq * 1000 + tk + d * 7 + w * 3 + p)
+    q = torch.randn((b, h, tq, kd), generator=g).to(device, dtype).requires_grad_()
+    k, v = (torch.randn((b, h, tk, kd), generator=g).to(device, dtype).requires_grad_() for _ in range(2))
+    weights = [torch.randn((b, h, tq, kd), generator=g).to(device), torch.randn((b, h, tq), generator=g).to(device)]
+    with nan_poison():
+        out, lse, grads = run_and_grad(kernels.sparse_attention, q, k, v, (d, w, p), off, weights)
+    ref_out, ref_lse, ref_grads = run_and_grad(reference_attention, q, k, v, (d, w, p), off, weights)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    tol_v, tol_g = TOL[dtype]
+    compare("out", out, ref_out, tol_v)
+    compare("lse", lse, ref_lse, 1e-5)  # fp32 in both dtypes, from the same (rounded) inputs
+    for name, got, ref in zip(["dq", "dk", "dv"], grads, ref_grads):
+        assert got.dtype == dtype, name
+        compare(name, got, ref, tol_g)
+
+
+def test_sparse_attention_default_call(kernels, compare, device):
+    """The call the model makes: no LSE, default scale, keys read through strides (a transposed view)."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn((1, 24, 2, 16), generator=g).to(device).transpose(1, 2).requires_grad_()
+    k, v = (torch.randn((1, 24, 2, 16), generator=g).to(device).transpose(1, 2).requires_grad_() for _ in range(2))
+    weight = torch.randn((1, 2, 24, 16), generator=g).to(device)
+    got = kernels.sparse_attention(q, k, v, 4, 3, 2)
+    grads = torch.autograd.grad((got * weight).sum(), (q, k, v))
+    ref = reference_attention(q, k, v, 4, 3, 2)
+    ref_grads = torch.autograd.grad((ref * weight).sum(), (q, k, v))
+    compare("out", got, ref, 1e-5)
+    for name, a, r in zip(["dq", "dk", "dv"], grads, ref_grads):
+        compare(name, a, r, 1e-4)
+
+
+def test_sparse_attention_rejects_bad_inputs(kernels, device):
+    q = torch.randn(1, 1, 8, 16, device=device)
+    with pytest.raises(ValueError, match="pattern"):
+        kernels.sparse_attention(q, q, q, 0, 0, 0)
+    with pytest.raises(ValueError, match="keys"):
+        kernels.sparse_attention(q, q, q, 4, 0, 0, q_offset=1)
+    with pytest.raises(ValueError, match="dtype"):
+        kernels.sparse_attention(q, q.bfloat16(), q, 4, 0, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("pattern", [(1, 0, 0), (16, 256, 4), (64, 0, 0), (-1, 256, 4)],
+                         ids=["D1-W0-P0", "D16-W256-P4", "D64-W0-P0", "D-1-W256-P4"])
+def test_sparse_attention_full_size(kernels, compare, pattern):
+    """B1-H16-T4096-K128 in bf16 (the 1.5B layer's attention) against the reference on the GPU."""
+    b, h, t, kd = 1, 16, 4096, 128
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn((b, h, t, kd), generator=g).cuda().bfloat16().requires_grad_() for _ in range(3))
+    weights = [torch.randn((b, h, t, kd), generator=g).cuda(), torch.randn((b, h, t), generator=g).cuda()]
+    out, lse, grads = run_and_grad(kernels.sparse_attention, q, k, v, pattern, 0, weights)
+    ref_out, ref_lse, ref_grads = run_and_grad(reference_attention, q, k, v, pattern, 0, weights)
+    compare("out", out, ref_out, 2e-2)
+    compare("lse", lse, ref_lse, 1e-4)
+    for name, got, ref in zip(["dq", "dk", "dv"], grads, ref_grads):
+        compare(name, got, ref, 2e-2)
