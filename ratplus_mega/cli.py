@@ -120,6 +120,18 @@ def cmd_prep_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    import torch
+
+    from .export.to_hf import export_hf
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    out = export_hf(args.checkpoint, args.out, pattern=args.pattern, dtype=dtype, tokenizer=args.tokenizer,
+                    overwrite=args.overwrite)
+    print(f"wrote {out}: load it with AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .inference.generate import generate_text
 
@@ -187,6 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="a run config, e.g. configs/train/tiny-cpu.yaml")
     train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     train.set_defaults(func=cmd_train)
+
+    exp = sub.add_parser("export-hf", help="a training checkpoint (any layout, ZeRO 0-3) to a HuggingFace folder")
+    exp.add_argument("--checkpoint", required=True, help="a committed checkpoint, or a run's checkpoints folder")
+    exp.add_argument("--out", required=True, help="HuggingFace folder to write")
+    exp.add_argument("--pattern", type=_parse_pattern, metavar="D,W,P",
+                     help="sparse pattern for every layer (default: the run's; write --pattern=-1,W,P for D=-1)")
+    exp.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="weights on disk (default bf16)")
+    exp.add_argument("--tokenizer", help="sentencepiece .model (default: the run's data.tokenizer)")
+    exp.add_argument("--overwrite", action="store_true", help="replace --out once the new folder is complete")
+    exp.set_defaults(func=cmd_export_hf)
 
     gen = sub.add_parser("generate", help="greedy generation from an HF folder with the compressed cache")
     gen.add_argument("--model", required=True, help="an HF folder written by import-public or export")

@@ -74,6 +74,10 @@ def shard(full: torch.Tensor, kind: Kind, model: RatPlusLM) -> torch.Tensor:
 
 def unshard(pieces: list[torch.Tensor], kind: Kind, model: RatPlusLM) -> torch.Tensor:
     """The reference tensor from the pieces of every TP rank (in rank order)."""
+    return _join(pieces, kind, slices=fused_slices(model.model_config), vocab_size=model.vocab_size)
+
+
+def _join(pieces: list[torch.Tensor], kind: Kind, *, slices: int, vocab_size: int) -> torch.Tensor:
     if kind == "replicated":
         return pieces[0]
     if kind == "rows":
@@ -81,9 +85,28 @@ def unshard(pieces: list[torch.Tensor], kind: Kind, model: RatPlusLM) -> torch.T
     if kind == "cols":
         return torch.cat(pieces, 1)
     if kind == "fused_rows":
-        slices, d = fused_slices(model.model_config), pieces[0].shape[1]
-        return torch.stack([p.view(slices, -1, d) for p in pieces], dim=1).reshape(-1, d)
-    return torch.cat(pieces, 0)[: model.vocab_size]
+        d = pieces[0].shape[1]
+        return torch.stack([p.reshape(slices, -1, d) for p in pieces], dim=1).reshape(-1, d)
+    return torch.cat(pieces, 0)[:vocab_size]
+
+
+def unshard_pieces(m: ModelConfig, tp: int, pieces: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The reference state dict (``lm_head.weight`` tied) from every training parameter's TP pieces in rank
+    order, e.g. read from checkpoint files of all tensor x pipeline ranks (the last stage's ``output_weight``
+    left out). Raises KeyError naming a parameter it cannot place and ValueError on missing tensors."""
+    out = {}
+    for name, parts in pieces.items():
+        layout = layout_of(name)
+        if len(parts) != (1 if layout.kind == "replicated" else tp) and layout.kind != "replicated":
+            raise ValueError(f"{name}: expected {tp} tensor-parallel pieces, got {len(parts)}")
+        out[layout.reference_name] = _join(parts, layout.kind, slices=fused_slices(m), vocab_size=m.vocab_size)
+    from .init import reference_shapes
+
+    missing = sorted(set(reference_shapes(m)) - set(out))
+    if missing:
+        raise ValueError(f"the checkpoint lacks {len(missing)} tensors of the model, e.g. {missing[0]}")
+    out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return out
 
 
 def load_reference_state_dict(model: RatPlusLM, reference: dict[str, torch.Tensor]) -> None:
