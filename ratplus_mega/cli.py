@@ -143,6 +143,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .quickstart.pipeline import QuickstartOptions, run_quickstart
+
+    run_quickstart(QuickstartOptions(out=Path(args.out), inputs=args.input, preset=args.preset,
+                                     documents=args.documents, pretrain_steps=args.pretrain_steps,
+                                     adapt_steps=args.adapt_steps))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ratplus", description="RAT+ pretraining stack")
     parser.add_argument("--version", action="version", version=f"ratplus-mega {__version__}")
@@ -209,6 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--tokenizer", help="sentencepiece .model (default: the run's data.tokenizer)")
     exp.add_argument("--overwrite", action="store_true", help="replace --out once the new folder is complete")
     exp.set_defaults(func=cmd_export_hf)
+
+    quick = sub.add_parser("quickstart", help="the whole pipeline on a synthetic corpus, end to end")
+    quick.add_argument("--out", default="runs/quickstart", help="where every artefact goes")
+    quick.add_argument("--input", nargs="*", default=[], help="your own .txt/.jsonl/.parquet files instead")
+    quick.add_argument("--preset", default="tiny", help="model preset of configs/model/ (default tiny)")
+    quick.add_argument("--documents", type=int, default=4000, help="synthetic documents to write")
+    quick.add_argument("--pretrain-steps", type=int, default=300)
+    quick.add_argument("--adapt-steps", type=int, default=100)
+    quick.set_defaults(func=cmd_quickstart)
 
     gen = sub.add_parser("generate", help="greedy generation from an HF folder with the compressed cache")
     gen.add_argument("--model", required=True, help="an HF folder written by import-public or export")

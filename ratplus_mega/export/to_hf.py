@@ -8,6 +8,8 @@ DeepSpeed's files are unpickled in full by DeepSpeed: export only checkpoints yo
 
 from __future__ import annotations
 
+import contextlib
+import io
 import tempfile
 from pathlib import Path
 
@@ -63,7 +65,8 @@ def _rank_weights(checkpoint: Path, mp_rank: int) -> dict[str, torch.Tensor]:
         view.mkdir()
         for file in (*model_files, *optim_files):
             (view / file.name).symlink_to(file.resolve())
-        return dict(get_fp32_state_dict_from_zero_checkpoint(tmp, tag="tag"))
+        with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 narrates every file
+            return dict(get_fp32_state_dict_from_zero_checkpoint(tmp, tag="tag"))
 
 
 def export_hf(checkpoint: str | Path, out: str | Path, *, pattern: tuple[int, int, int] | None = None,
