@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     quick.set_defaults(func=cmd_quickstart)
 
     gen = sub.add_parser("generate", help="greedy generation from an HF folder with the compressed cache")
-    gen.add_argument("--model", required=True, help="an HF folder written by import-public or export")
+    gen.add_argument("--model", required=True, help="an HF folder (export-hf, import-public) or a training run")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=64)
     mode = gen.add_mutually_exclusive_group()

@@ -1,7 +1,9 @@
-"""Generate from an HF folder of this model with the compressed (sparse) or full (dense) decode cache."""
+"""Generate from an HF folder of this model (or a training checkpoint, exported on the fly) with the compressed
+(sparse) or full (dense) decode cache."""
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +31,16 @@ def generate_text(model_dir: str | Path, prompt: str, *, max_new_tokens: int = 6
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
-        raise ValueError(f"--model {model_dir}: not an HF folder (no config.json); export a checkpoint first")
+        from ..export.to_hf import export_hf, resolve_checkpoint
+
+        try:
+            checkpoint = resolve_checkpoint(model_dir)
+        except ValueError:
+            raise ValueError(f"--model {model_dir}: neither an HF folder (config.json) nor a training run or "
+                             "checkpoint") from None
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = export_hf(checkpoint, Path(tmp) / "hf", dtype=torch.float32)
+            return generate_text(folder, prompt, max_new_tokens=max_new_tokens, pattern=pattern, dense=dense)
     overrides = dict(zip(("dilation", "window", "sinks"), pattern)) if pattern else {}
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, local_files_only=True,
                                                  **overrides).eval()

@@ -60,3 +60,16 @@ def test_export_reproduces_the_logged_validation_losses(tiny_shards, tmp_path, l
 def test_export_refuses_a_folder_without_a_committed_checkpoint(tmp_path, capsys):
     assert main(["export-hf", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "hf")]) == 2
     assert "no committed checkpoint" in capsys.readouterr().err
+
+
+def test_generate_from_a_training_run_equals_generate_from_its_export(tiny_shards, tmp_path):
+    from ratplus_mega.inference.generate import generate_text
+
+    run = _run(_train_cmd(tiny_shards, tmp_path / "run", "train.train_tokens=2048",
+                          f"data.tokenizer={tiny_shards.parent / 'tok.model'}"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert main(["export-hf", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "hf"),
+                 "--dtype", "fp32"]) == 0
+    direct = generate_text(tmp_path / "run", "Document 3. The river", max_new_tokens=8)
+    exported = generate_text(tmp_path / "hf", "Document 3. The river", max_new_tokens=8)
+    assert direct.text == exported.text and direct.new_tokens == 8

@@ -63,4 +63,4 @@ def test_generate_command_prints_stats_and_refuses_non_folders(tmp_path, capsys)
     out = capsys.readouterr().out
     assert "5 new tokens" in out and "decode cache" in out and "[D=4 W=3 P=2]" in out
     assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2
-    assert "not an HF folder" in capsys.readouterr().err
+    assert "neither an HF folder" in capsys.readouterr().err
