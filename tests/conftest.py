@@ -88,3 +88,22 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def single_rank():
+    """A one-process gloo group (and the environment DeepSpeed reads), for code that needs torch.distributed."""
+    import socket
+
+    import torch.distributed as dist
+
+    from ratplus_mega.train.engine import prepare_deepspeed_for_cpu
+
+    prepare_deepspeed_for_cpu()
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
+        os.environ.setdefault(key, value)
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)

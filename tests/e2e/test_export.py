@@ -3,7 +3,6 @@ validation windows, exactly the validation losses the trainer logged (an indepen
 consolidation: the trainer computed them with its own sharded model)."""
 
 import re
-import sys
 
 import pytest
 import torch

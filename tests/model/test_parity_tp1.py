@@ -1,11 +1,8 @@
 """The training model at TP = PP = 1 equals the reference model on the same weights (one process, gloo)."""
 
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from ratplus_mega.config import load_config
@@ -14,16 +11,6 @@ from ratplus_mega.model import build_model
 from ratplus_mega.model.init import reference_init_state_dict
 from ratplus_mega.model.mapping import load_reference_state_dict, reference_config, to_reference_state_dict
 from ratplus_mega.parallel import ParallelContext
-
-
-@pytest.fixture(scope="module")
-def single_rank():
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
 
 
 def _models(overrides, seed=3):

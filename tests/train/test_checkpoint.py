@@ -1,32 +1,16 @@
 """Committed checkpoints: partial saves are never taken for whole ones, old ones are pruned, and a resumed
 engine continues exactly (one rank, DeepSpeed ZeRO-2, fp32)."""
 
-import os
-import socket
 
-import pytest
 import torch
-import torch.distributed as dist
 
 from ratplus_mega.checkpoint import (committed_checkpoints, latest_checkpoint, load_rank_state, read_marker,
                                      restore_rng_state, rng_state, save_checkpoint)
 from ratplus_mega.config import load_config
 from ratplus_mega.model import build_model
 from ratplus_mega.parallel import ParallelContext
-from ratplus_mega.train.engine import build_engine, prepare_deepspeed_for_cpu
+from ratplus_mega.train.engine import build_engine
 from ratplus_mega.train.joint import train_step
-
-
-@pytest.fixture(scope="module")
-def single_rank():
-    prepare_deepspeed_for_cpu()
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
-        os.environ.setdefault(key, value)
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 def _engine():

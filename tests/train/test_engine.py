@@ -1,10 +1,8 @@
 """Engine configuration rules, activation checkpointing and the non-finite loss guard."""
 
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from ratplus_mega.config import load_config
 from ratplus_mega.model import build_model
@@ -13,15 +11,6 @@ from ratplus_mega.parallel import ParallelContext
 from ratplus_mega.train.engine import apply_activation_checkpointing, deepspeed_config, gradient_accumulation_steps
 from ratplus_mega.train.joint import PassResult, StepResult
 from ratplus_mega.train.loop import _check_finite
-
-
-@pytest.fixture(scope="module")
-def single_rank():
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 def _ctx(**sizes):

@@ -1,12 +1,9 @@
 """Joint training (sparse step, then dense step on the same micro-batches; one lr per batch) under DeepSpeed
 equals a hand-written loop of RATPLUS_SPEC.md §2.2 on the reference model."""
 
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from ratplus_mega.config import load_config
@@ -15,22 +12,10 @@ from ratplus_mega.model import build_model
 from ratplus_mega.model.init import reference_init_state_dict
 from ratplus_mega.model.mapping import reference_config, to_reference_state_dict
 from ratplus_mega.parallel import ParallelContext
-from ratplus_mega.train.engine import build_engine, prepare_deepspeed_for_cpu
+from ratplus_mega.train.engine import build_engine
 from ratplus_mega.train.joint import train_step
 
 SEED = 5
-
-
-@pytest.fixture(scope="module")
-def single_rank():
-    prepare_deepspeed_for_cpu()
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
-        os.environ.setdefault(key, value)
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 def _hand_written_joint_step(ref, opt, micro_batches, lr, joint):

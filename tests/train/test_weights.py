@@ -1,11 +1,8 @@
 """Adaptation weights from an HF folder land in the training model exactly (any layout: through the mapping)."""
 
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from ratplus_mega.config import load_config
 from ratplus_mega.export.hf_folder import write_hf_folder
@@ -14,15 +11,6 @@ from ratplus_mega.model.init import reference_init_state_dict
 from ratplus_mega.model.mapping import reference_config, to_reference_state_dict
 from ratplus_mega.parallel import ParallelContext
 from ratplus_mega.train.weights import load_pretrained_weights
-
-
-@pytest.fixture(scope="module")
-def single_rank():
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 class _Engine:  # what load_pretrained_weights needs of a DeepSpeed engine on this path
