@@ -17,6 +17,10 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Triton picks interpreter or compiler when a kernel is defined: decide before any test file imports one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def _assert_close(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
     """Fail unless ``max|got - ref| <= tol * max(max|ref|, 1e-6)``; the message names the tensor and gives the

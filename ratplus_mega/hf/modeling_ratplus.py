@@ -24,19 +24,24 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_ratplus import RatPlusConfig
 
-try:  # fused Triton kernels, present when this file runs inside the ratplus-mega package
-    from ratplus_mega import kernels as _kernels
-except ImportError:
-    _kernels = None
-
 Pattern = tuple[int, int, int]
 DENSE: Pattern = (1, 0, 0)
 
+_kernels = None  # the fused Triton kernels, imported on first use with a CUDA tensor; False when absent
+
 
 def _fused(name: str, tensor: torch.Tensor):
-    if _kernels is None or not tensor.is_cuda or os.environ.get("RATPLUS_DISABLE_KERNELS", "0") == "1":
+    """The fused kernel ``name`` of the ratplus-mega package for CUDA tensors, or None (torch path)."""
+    global _kernels
+    if not tensor.is_cuda or os.environ.get("RATPLUS_DISABLE_KERNELS", "0") == "1":
         return None
-    return getattr(_kernels, name, None)
+    if _kernels is None:
+        try:
+            from ratplus_mega import kernels as module
+        except ImportError:  # this file runs without the training stack (an exported checkpoint)
+            module = False
+        _kernels = module
+    return getattr(_kernels, name, None) if _kernels else None
 
 
 # --------------------------------------------------------------------------------------------------------------

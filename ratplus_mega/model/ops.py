@@ -13,10 +13,6 @@ import torch
 
 from ..hf.modeling_ratplus import DENSE, apply_rotary, gated_scan, sparse_attention
 
-try:
-    from .. import kernels
-except ImportError:  # no Triton on this platform
-    kernels = None
 
 Pattern = tuple[int, int, int]
 
@@ -24,7 +20,12 @@ __all__ = ["DENSE", "apply_rotary", "attention", "recurrence"]
 
 
 def _kernel(name: str, tensor: torch.Tensor):
-    if kernels is None or not tensor.is_cuda or os.environ.get("RATPLUS_DISABLE_KERNELS", "0") == "1":
+    """Imported on first use with a CUDA tensor, so CPU runs never load Triton."""
+    if not tensor.is_cuda or os.environ.get("RATPLUS_DISABLE_KERNELS", "0") == "1":
+        return None
+    try:
+        from .. import kernels
+    except ImportError:  # no Triton on this platform
         return None
     return getattr(kernels, name, None)
 
