@@ -1,6 +1,6 @@
 """Throughput of ``prep shards`` (1 and 2 workers) against sentencepiece alone, and of the training loader.
 
-    python benchmarks/data_prep.py /work/shared/data/tinyshakespeare.txt
+    python benchmarks/data_prep.py path/to/corpus.txt
     python benchmarks/data_prep.py --generate-mb 20
 
 Documents are the text's blank-line-separated blocks (repeated to ``--repeat`` copies), written as jsonl

@@ -1,4 +1,4 @@
-"""Error metric shared by the kernel tests and benchmarks (STYLE.md: one helper, named tensors, relative error)."""
+"""Error metric shared by the kernel tests and benchmarks: named tensors, error relative to the reference's scale."""
 
 from __future__ import annotations
 
