@@ -152,7 +152,9 @@ def _recall(model, tokenizer, questions, mode: str) -> float:
         ids = ids[:, -(model.config.max_position_embeddings - 8):]
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
                              attention_mode=mode, pad_token_id=model.config.eos_token_id)
-        hits += tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).startswith(q.answer)
+        # sentencepiece drops the leading space of the first decoded piece: compare the number itself
+        said = re.match(r"\s*(\d+)", tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        hits += bool(said) and said.group(1) == q.answer.strip()
     return hits / len(questions)
 
 
