@@ -11,6 +11,12 @@ Pattern = tuple[int, int, int]
 DENSE: Pattern = (1, 0, 0)
 
 
+def describe_pattern(pattern: Pattern) -> str:
+    """'dense' or 'D=16 W=256 P=4', for people (log and metric names use ``train.evaluate.pattern_name``)."""
+    dilation, window, sinks = pattern
+    return "dense" if dilation == 1 else f"D={dilation} W={window} P={sinks}"
+
+
 def parameter_count(m: ModelConfig) -> int:
     """Trainable parameters with the tied embedding counted once (spec §6.2)."""
     d = m.hidden_size

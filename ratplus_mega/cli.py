@@ -22,13 +22,8 @@ def _parse_pattern(text: str) -> tuple[int, int, int]:
     return dilation, window, sinks
 
 
-def _format_pattern(pattern: tuple[int, int, int]) -> str:
-    dilation, window, sinks = pattern
-    return "dense" if dilation == 1 else f"D={dilation} W={window} P={sinks}"
-
-
 def cmd_info(args: argparse.Namespace) -> int:
-    from .accounting import DENSE, cache_bytes, flops_per_token, parameter_count
+    from .accounting import DENSE, cache_bytes, describe_pattern, flops_per_token, parameter_count
     from .config.load import load_config
 
     cfg = load_config(args.config, args.overrides)
@@ -37,8 +32,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     rows = [("dense", [DENSE] * m.num_layers)]
     if not m.pattern.is_dense:
         uniform = len(set(configured)) == 1
-        rows.append((_format_pattern(configured[0]) if uniform else "per-layer", configured))
-    rows += [(_format_pattern(p), [p] * m.num_layers) for p in args.pattern]
+        rows.append((describe_pattern(configured[0]) if uniform else "per-layer", configured))
+    rows += [(describe_pattern(p), [p] * m.num_layers) for p in args.pattern]
     print(f"model: {m.num_layers} layers x {m.hidden_size} ({m.num_heads} heads of {m.head_dim}), "
           f"FFN {m.ffn_hidden_size}, vocab {m.vocab_size}, seq {m.seq_len}, "
           f"{'RAT+' if m.apply_recurrence else 'gated attention (no recurrence)'}")

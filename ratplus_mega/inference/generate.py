@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..accounting import describe_pattern
+
 
 @dataclass
 class Generation:
@@ -60,7 +62,7 @@ def generate_text(model_dir: str | Path, prompt: str, *, max_new_tokens: int = 6
     seconds = time.perf_counter() - start
     new = out.sequences[0, ids.shape[1]:]
     layers = model.layer_patterns(mode)
-    names = {"dense" if d == 1 else f"D={d} W={w} P={p}" for d, w, p in layers}
+    names = {describe_pattern(p) for p in layers}
     return Generation(text=tokenizer.decode(new, skip_special_tokens=True), prompt_tokens=ids.shape[1],
                       new_tokens=len(new), tokens_per_second=len(new) / max(seconds, 1e-9),
                       cache_bytes=out.past_key_values.nbytes(), pattern=", ".join(sorted(names)))
