@@ -3,10 +3,12 @@
     python benchmarks/data_prep.py path/to/corpus.txt
     python benchmarks/data_prep.py --generate-mb 20
 
-Documents are the text's blank-line-separated blocks (repeated to ``--repeat`` copies), written as jsonl
-over four files. The baseline is ``SentencePieceProcessor.encode`` of the same documents in one process
-with one thread; prep times include reading, JSON parsing, worker start-up, MDS writing and merging, but
-not the one-time import of streaming (and torch), done before timing.
+The text (repeated to ``--repeat`` copies) is cut into documents two ways: ``blocks``, its blank-line-separated
+blocks (tinyshakespeare: ~50 tokens each, the worst case for per-document costs), and ``pages``, runs of
+blocks of at least 4 kB (~1000 tokens, about FineWeb-Edu's mean document). Each is written as jsonl over four
+files. The baseline is ``SentencePieceProcessor.encode`` of the same documents in one process with one
+thread; prep times include reading, JSON parsing, worker start-up, MDS writing and merging, but not the
+one-time import of streaming (and torch), done before timing.
 """
 
 from __future__ import annotations
@@ -21,7 +23,17 @@ import tempfile
 import time
 
 
-def _documents(args) -> list[str]:
+def _pages(blocks: list[str], min_chars: int = 4000) -> list[str]:
+    pages, page = [], []
+    for block in blocks:
+        page.append(block)
+        if sum(map(len, page)) >= min_chars:
+            pages.append("\n\n".join(page))
+            page = []
+    return pages + (["\n\n".join(page)] if page else [])
+
+
+def _blocks(args) -> list[str]:
     if args.text:
         with open(args.text, encoding="utf-8") as f:
             blocks = [b for b in f.read().split("\n\n") if b.strip()]
@@ -35,11 +47,35 @@ def _documents(args) -> list[str]:
     return blocks * args.repeat
 
 
+def _prep_rows(name: str, docs: list[str], tmp: str, sp, tok: str, args) -> tuple[list[tuple], dict]:
+    """Raw sentencepiece and ``prep shards`` with 1 and 2 workers on ``docs``; returns table rows."""
+    from ratplus_mega.data_prep.to_mds import PrepOptions, prep_shards
+
+    folder = os.path.join(tmp, name)
+    os.makedirs(folder)
+    for k in range(4):
+        with open(os.path.join(folder, f"part{k}.jsonl"), "w") as f:
+            f.writelines(json.dumps({"text": d}) + "\n" for d in docs[k::4])
+    start = time.perf_counter()
+    tokens = sum(len(ids) + 1 for ids in sp.encode(docs, num_threads=1))
+    raw = tokens / (time.perf_counter() - start)
+    label = f"{name} ({tokens / len(docs):.0f} tok/doc)"
+    rows = [(f"sentencepiece encode, {label}", tokens, raw, raw, 1.0)]
+    for workers in (1, 2):
+        start = time.perf_counter()
+        m = prep_shards(PrepOptions(inputs=[os.path.join(folder, "*.jsonl")], tokenizer=tok, seq_len=args.seq_len,
+                                    out=os.path.join(folder, f"out{workers}"), workers=workers, progress=False))
+        n = m["splits"]["train"]["tokens"] + m["splits"]["val"]["tokens"]
+        rate = n / (time.perf_counter() - start)
+        rows.append((f"  prep shards, {workers} worker(s)", n, rate, rate / workers, rate / workers / raw))
+    return rows, m
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("text", nargs="?", help="a UTF-8 text file (default: generated text)")
     parser.add_argument("--generate-mb", type=float, default=10.0)
-    parser.add_argument("--repeat", type=int, default=4, help="copies of the documents (more work per start-up)")
+    parser.add_argument("--repeat", type=int, default=16, help="copies of the documents (more work per start-up)")
     parser.add_argument("--vocab-size", type=int, default=4000)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -47,38 +83,30 @@ def main() -> None:
 
     import sentencepiece as spm
 
-    from ratplus_mega.data_prep.to_mds import PrepOptions, prep_shards
     from ratplus_mega.data_prep.train_tokenizer import TokenizerOptions, train_tokenizer
 
     import streaming  # noqa: F401 - imports torch (seconds): a one-time cost per job, kept out of the timings
 
-    docs = _documents(args)
+    blocks = _blocks(args)
     tmp = tempfile.mkdtemp()
     # Removed at exit, after streaming's prefetch threads are stopped.
     atexit.register(shutil.rmtree, tmp, True)
-    for k in range(4):
-        with open(os.path.join(tmp, f"part{k}.jsonl"), "w") as f:
-            f.writelines(json.dumps({"text": d}) + "\n" for d in docs[k::4])
-    tok = train_tokenizer(TokenizerOptions(inputs=[os.path.join(tmp, "part0.jsonl")], vocab_size=args.vocab_size,
+    sample = os.path.join(tmp, "sample.txt")
+    with open(sample, "w") as f:
+        f.write("\n".join(blocks[: max(1, len(blocks) // args.repeat)]))
+    tok = train_tokenizer(TokenizerOptions(inputs=[sample], vocab_size=args.vocab_size,
                                            out=os.path.join(tmp, "tok.model")))
     sp = spm.SentencePieceProcessor(model_file=tok)
-    start = time.perf_counter()
-    tokens = sum(len(ids) + 1 for ids in sp.encode(docs, num_threads=1))
-    raw = tokens / (time.perf_counter() - start)
-    rows = [("sentencepiece encode, 1 process", tokens, raw, raw, 1.0)]
-    for workers in (1, 2):
-        start = time.perf_counter()
-        m = prep_shards(PrepOptions(inputs=[os.path.join(tmp, "*.jsonl")], tokenizer=tok, seq_len=args.seq_len,
-                                    out=os.path.join(tmp, f"out{workers}"), workers=workers, progress=False))
-        n = m["splits"]["train"]["tokens"] + m["splits"]["val"]["tokens"]
-        rate = n / (time.perf_counter() - start)
-        rows.append((f"prep shards, {workers} worker(s)", n, rate, rate / workers, rate / workers / raw))
-    loader_rate = _loader_rate(os.path.join(tmp, "out1", "train"), args, m, sp.eos_id())
-    print(f"\n{len(docs)} documents, vocab {args.vocab_size}, seq_len {args.seq_len}, {os.cpu_count()} CPUs")
-    print(f"{'job':<34}{'tokens':>12}{'tokens/s':>12}{'per worker':>12}{'vs sp':>8}")
+    rows = []
+    for name, docs in (("blocks", blocks), ("pages", _pages(blocks))):
+        shape_rows, m = _prep_rows(name, docs, tmp, sp, tok, args)
+        rows += shape_rows
+    loader_rate = _loader_rate(os.path.join(tmp, "pages", "out1", "train"), args, m, sp.eos_id())
+    print(f"\n{len(blocks)} blocks, vocab {args.vocab_size}, seq_len {args.seq_len}, {os.cpu_count()} CPUs")
+    print(f"{'job':<44}{'tokens':>10}{'tokens/s':>12}{'per worker':>12}{'vs sp':>8}")
     for name, n, rate, per, ratio in rows:
-        print(f"{name:<34}{n:>12}{rate:>12.3g}{per:>12.3g}{ratio:>8.2f}")
-    print(f"{'train loader, 1 rank, B=' + str(args.batch_size):<34}{'':>12}{loader_rate:>12.3g}")
+        print(f"{name:<44}{n:>10}{rate:>12.3g}{per:>12.3g}{ratio:>8.2f}")
+    print(f"{'train loader, 1 rank, B=' + str(args.batch_size):<44}{'':>10}{loader_rate:>12.3g}")
 
 
 def _loader_rate(folder: str, args, manifest: dict, eos_id: int) -> float:

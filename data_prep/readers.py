@@ -14,7 +14,9 @@ import io
 import json
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
+
+import orjson
 
 __all__ = ["InputError", "InputFile", "Record", "BadRecord", "expand_inputs", "iter_records", "parse_record"]
 
@@ -37,10 +39,9 @@ class InputFile:
     kind: str
 
 
-@dataclass(frozen=True)
-class Record:
+class Record(NamedTuple):
     """A raw document: ``payload`` is bytes (a jsonl line, or .txt bytes still to decode), a str (a parquet
-    or arrow cell) or None (a null cell)."""
+    or arrow cell) or None (a null cell). A tuple: millions are made and sent to workers."""
 
     index: int
     line: int
@@ -203,18 +204,9 @@ def parse_record(rec: Record, *, kind: str, text_field: str) -> str | BadRecord:
     """The document text of a record, or why there is none (empty means no non-whitespace character)."""
     payload = rec.payload
     if kind in ("jsonl", "jsonl.zst"):
-        try:
-            obj = json.loads(payload)
-        except UnicodeDecodeError as e:
-            return BadRecord("undecodable", rec.line, str(e))
-        except ValueError as e:
-            if not payload.strip():
-                return BadRecord("empty", rec.line, "blank line")
-            return BadRecord("malformed_json", rec.line, str(e))
-        if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-            got = "not an object" if not isinstance(obj, dict) else f"{text_field!r} missing or not a string"
-            return BadRecord("missing_field", rec.line, got)
-        payload = obj[text_field]
+        payload = _json_text(rec, text_field)
+        if isinstance(payload, BadRecord):
+            return payload
     elif isinstance(payload, bytes):
         try:
             payload = payload.decode("utf-8")
@@ -226,3 +218,29 @@ def parse_record(rec: Record, *, kind: str, text_field: str) -> str | BadRecord:
     if not payload.strip():
         return BadRecord("empty", rec.line, "no non-whitespace text")
     return payload
+
+
+def _json_text(rec: Record, text_field: str) -> str | BadRecord:
+    """The text field of a JSON line. orjson parses the good lines (several times faster than ``json``); a line
+    it rejects is parsed again by ``json`` so that the verdict and its message follow the standard library."""
+    try:
+        obj = orjson.loads(rec.payload)
+    except orjson.JSONDecodeError:
+        try:
+            obj = json.loads(rec.payload)
+        except UnicodeDecodeError as e:
+            return BadRecord("undecodable", rec.line, str(e))
+        except ValueError as e:
+            if not rec.payload.strip():
+                return BadRecord("empty", rec.line, "blank line")
+            return BadRecord("malformed_json", rec.line, str(e))
+        text = obj.get(text_field) if isinstance(obj, dict) else None
+        if isinstance(text, str):
+            try:  # json accepts escaped lone surrogates, which are no text the tokenizer can take
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return BadRecord("undecodable", rec.line, f"lone surrogate escape at character {e.start}")
+    if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
+        got = "not an object" if not isinstance(obj, dict) else f"{text_field!r} missing or not a string"
+        return BadRecord("missing_field", rec.line, got)
+    return obj[text_field]

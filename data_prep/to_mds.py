@@ -1,7 +1,7 @@
 """``ratplus prep shards``: corpora → tokenized (seq_len + 1)-token windows as MDS datasets, resumable.
 
-One process reads the inputs in order and writes; ``workers`` processes parse and tokenize chunks of
-records (results come back in order, so the output does not depend on the worker count at all). Each
+One process reads the inputs in order and writes; ``workers`` other processes parse and tokenize chunks
+of records (results come back in order, so the output does not depend on the worker count at all). Each
 split's documents are concatenated in input order (EOS after each, no BOS) and cut into windows
 (``windows.py``); only the last partial window of each split is dropped. After each input, its parts are
 renamed into place, the carried tail is saved (kept per input: a few kB), and a marker is written (each
@@ -177,13 +177,10 @@ def _tasks(inputs: list[InputFile], start: int, opts: PrepOptions) -> Iterator[t
 
 
 def _results(inputs, start, opts, tok_path) -> Iterator[ChunkResult]:
-    init = (tok_path, opts.text_field, opts.seed, opts.val_fraction)
-    if opts.workers == 1:
-        init_worker(*init)
-        yield from map(tokenize_chunk, _tasks(inputs, start, opts))
-        return
+    """Tokenized chunks, in order, from ``opts.workers`` processes; this process reads and writes meanwhile."""
     import multiprocessing as mp
 
+    init = (tok_path, opts.text_field, opts.seed, opts.val_fraction)
     # spawn: the caller may hold torch's thread pools, which do not survive a fork.
     with mp.get_context("spawn").Pool(opts.workers, initializer=init_worker, initargs=init) as pool:
         yield from pool.imap(tokenize_chunk, _tasks(inputs, start, opts), chunksize=1)

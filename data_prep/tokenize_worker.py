@@ -7,6 +7,7 @@ neither the worker count nor the order in which chunks are processed.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,11 +61,10 @@ def tokenize_chunk(task: tuple[int, str, str, list[Record], bool]) -> ChunkResul
         split = "val" if is_val_document(f"{key}:{rec.index}", seed=_STATE["seed"],
                                          val_fraction=_STATE["val_fraction"]) else "train"
         texts[split].append(doc)
-    eos = sp.eos_id()
     tokens = {}
     for split, docs in texts.items():
-        ids = sp.encode(docs, num_threads=1) if docs else []
-        flat = [t for doc_ids in ids for t in (*doc_ids, eos)]
-        tokens[split] = np.asarray(flat, dtype=np.uint32)
+        ids = sp.encode(docs, add_eos=True, num_threads=1) if docs else []
+        tokens[split] = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32,
+                                    count=sum(map(len, ids)))
     return ChunkResult(input_index=input_index, final=final, tokens=tokens,
                        documents={s: len(d) for s, d in texts.items()}, bad=bad)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import numpy as np
 import torch
 
 from .loader import check_window_length, make_batch
@@ -36,8 +35,7 @@ class ValidationReader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, len(self.windows), self.batch_size):
             ids = self.windows[start: start + self.batch_size]
-            rows = np.stack([self.dataset[i] for i in ids]).astype(np.int64)
-            yield make_batch(torch.from_numpy(rows), self.eos_id)
+            yield make_batch([self.dataset[i] for i in ids], self.eos_id)
 
 
 def build_val_reader(folder: str, *, seq_len: int, vocab_size: int, eos_id: int, layout: DataLayout,

@@ -9,8 +9,10 @@ different number of DP ranks within an epoch (streaming repartitions the remaini
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+import functools
+from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 from streaming.base.world import World
 
@@ -21,19 +23,14 @@ __all__ = ["IGNORE_INDEX", "make_batch", "TrainLoader", "build_train_loader", "c
 IGNORE_INDEX = -100
 
 
-def make_batch(windows: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split (B, T + 1) windows into inputs and labels, each (B, T) int64; labels are ``IGNORE_INDEX`` where
-    the input token is ``eos_id``."""
-    windows = windows.long()
-    inputs, labels = windows[:, :-1], windows[:, 1:].clone()
-    labels[inputs == eos_id] = IGNORE_INDEX
-    return inputs.contiguous(), labels
-
-
-def _collate(samples: list) -> torch.Tensor:
-    import numpy as np
-
-    return torch.from_numpy(np.stack(samples).astype(np.int64))
+def make_batch(windows: Sequence[np.ndarray] | np.ndarray, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split B windows of T + 1 tokens (any integer dtype) into inputs and labels, each (B, T) int64;
+    labels are ``IGNORE_INDEX`` where the input token is ``eos_id``. Also the DataLoader's collate function,
+    so that with loader workers the batches are built there."""
+    windows = np.stack(windows)
+    inputs = windows[:, :-1]
+    labels = np.where(inputs == eos_id, np.int64(IGNORE_INDEX), windows[:, 1:])
+    return torch.from_numpy(inputs.astype(np.int64)), torch.from_numpy(labels.astype(np.int64, copy=False))
 
 
 def check_window_length(dataset: WindowDataset, seq_len: int, where: str) -> None:
@@ -64,10 +61,11 @@ class TrainLoader:
         while True:
             # A new DataLoader iterator per epoch: streaming starts the next epoch (or the resumed one).
             loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                                collate_fn=_collate, persistent_workers=False)
-            for windows in loader:
+                                collate_fn=functools.partial(make_batch, eos_id=self.eos_id),
+                                persistent_workers=False)
+            for batch in loader:
                 self.sample_in_epoch += self.batch_size * self.layout.dp_size
-                yield make_batch(windows, self.eos_id)
+                yield batch
             self.epoch, self.sample_in_epoch = self.epoch + 1, 0
 
     def state_dict(self) -> dict[str, Any]:

@@ -63,7 +63,7 @@ class RandomOffsetSampler:
         while True:
             rows = [self.sample(self.rank_sample + i) for i in range(self.batch_size)]
             self.rank_sample += self.batch_size
-            yield make_batch(torch.from_numpy(np.stack(rows).astype(np.int64)), self.eos_id)
+            yield make_batch(rows, self.eos_id)
 
     def state_dict(self) -> dict[str, Any]:
         return {"consumed_samples": self.rank_sample * self.layout.dp_size, "seed": self.seed}

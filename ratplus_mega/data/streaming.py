@@ -8,11 +8,13 @@ streaming gives the peers of a replica bitwise-identical samples and counts its 
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from streaming import Stream, StreamingDataset
+from streaming.base.format.mds.reader import MDSReader
 
 __all__ = ["DataLayout", "ShuffleParams", "WindowDataset", "build_window_dataset", "is_remote", "window_length"]
 
@@ -55,8 +57,49 @@ class ShuffleParams:
     num_canonical_nodes: int = 1
 
 
+class _OpenShards:
+    """The most recently read shard files, kept open (a bounded number: datasets have thousands of shards)."""
+
+    def __init__(self, limit: int = 64):
+        self.limit, self.fds = limit, OrderedDict()
+
+    def fd(self, path: str) -> int:
+        fd = self.fds.get(path)
+        if fd is None:
+            fd = self.fds[path] = os.open(path, os.O_RDONLY)  # FileNotFoundError: streaming fetches the shard
+            if len(self.fds) > self.limit:
+                os.close(self.fds.popitem(last=False)[1])
+        else:
+            self.fds.move_to_end(path)
+        return fd
+
+
+_OPEN_SHARDS = _OpenShards()
+
+
+class _PreadMDSReader(MDSReader):
+    """streaming's MDS shard reader with the sample read as two ``pread`` calls on a kept-open file, instead of
+    open, two seeks, two reads and close per sample (the loader's largest cost). Shards never change once
+    written, so a file kept open after streaming evicts and re-fetches it still holds the same bytes; ``pread``
+    has no file offset, so forked loader workers may share the descriptors."""
+
+    def get_sample_data(self, idx: int) -> bytes:
+        fd = _OPEN_SHARDS.fd(os.path.join(self.dirname, self.split, self.raw_data.basename))
+        begin, end = np.frombuffer(os.pread(fd, 8, (1 + idx) * 4), np.uint32)
+        data = os.pread(fd, int(end - begin), int(begin))
+        if not data:
+            raise IndexError(f"sample {idx} is not in {self.raw_data.basename}")
+        return data
+
+
 class WindowDataset(StreamingDataset):
     """Samples are the ``tokens`` windows as ``np.ndarray`` of shape (T + 1,), uint16 or uint32."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        for shard in self.shards:
+            if type(shard) is MDSReader:
+                shard.__class__ = _PreadMDSReader
 
     def get_item(self, idx: int) -> np.ndarray:
         return super().get_item(idx)["tokens"]

@@ -47,7 +47,7 @@ def test_make_batch_masks_labels_after_eos():
     from ratplus_mega.data.loader import make_batch
 
     windows = torch.tensor([[5, 2, 7, 8, 2], [2, 9, 9, 2, 4]], dtype=torch.int32)
-    inputs, labels = make_batch(windows, eos_id=2)
+    inputs, labels = make_batch(list(windows.numpy().astype(np.uint16)), eos_id=2)
     assert inputs.dtype == labels.dtype == torch.int64 and inputs.shape == labels.shape == (2, 4)
     for b in range(2):
         for t in range(4):
@@ -216,3 +216,35 @@ def test_tensor_parallel_peers_get_identical_batches(folder, tmp_path):
     assert ranks[0][0]["batches"] == ranks[1][0]["batches"]
     assert sorted(i for b in ranks[0][0]["batches"][:24] for i in b) == list(range(WINDOWS))
     assert ranks[0][0]["state"]["sample_in_epoch"] == 6 * 4
+
+
+def test_shard_reader_reads_what_streamings_reader_reads(folder):
+    """The kept-open ``pread`` reader replaces streaming's (pinned internals) and returns the same bytes."""
+    from streaming.base.format.mds.reader import MDSReader
+
+    from ratplus_mega.data.streaming import _PreadMDSReader, build_window_dataset
+
+    ds = build_window_dataset([folder], batch_size=4, shuffle=None)
+    assert len(ds.shards) > 1 and all(type(s) is _PreadMDSReader for s in ds.shards)
+    for i in range(ds.num_samples):
+        ds[i]  # streaming decompresses the shard on first access
+        shard_id, row = ds.spanner[i]
+        shard = ds.shards[shard_id]
+        assert shard.get_sample_data(row) == MDSReader.get_sample_data(shard, row)
+
+
+def test_open_shard_files_are_bounded(tmp_path):
+    from ratplus_mega.data.streaming import _OpenShards
+
+    paths = []
+    for k in range(3):
+        paths.append(str(tmp_path / f"s{k}"))
+        open(paths[-1], "wb").close()
+    files = _OpenShards(limit=2)
+    first = files.fd(paths[0])
+    files.fd(paths[1])
+    assert files.fd(paths[0]) == first  # reused, and now the most recent
+    files.fd(paths[2])
+    assert list(files.fds) == [paths[0], paths[2]]
+    with pytest.raises(FileNotFoundError):
+        files.fd(str(tmp_path / "missing"))
