@@ -25,7 +25,7 @@ import numpy as np
 
 from .manifest import FORMAT_VERSION, MANIFEST_NAME, SPLITS, read_manifest, write_json_atomic
 from .readers import InputFile, expand_inputs, iter_records
-from .tokenize_worker import ChunkResult, init_worker, tokenize_chunk
+from .tokenize_worker import Chunk, ChunkResult, init_worker, tokenize_chunk
 from .windows import SplitWriter, token_dtype
 
 __all__ = ["PrepOptions", "prep_shards"]
@@ -165,15 +165,15 @@ def _chunks(inp: InputFile, opts: PrepOptions) -> Iterator[list]:
     yield chunk
 
 
-def _tasks(inputs: list[InputFile], start: int, opts: PrepOptions) -> Iterator[tuple]:
+def _tasks(inputs: list[InputFile], start: int, opts: PrepOptions) -> Iterator[Chunk]:
     """Chunks in input order as worker tasks; the last chunk of each input is flagged ``final``."""
     for i in range(start, len(inputs)):
         inp, previous = inputs[i], None
         for chunk in _chunks(inp, opts):
             if previous is not None:
-                yield (i, inp.key, inp.kind, previous, False)
+                yield Chunk.of(i, inp.key, inp.kind, previous, False)
             previous = chunk
-        yield (i, inp.key, inp.kind, previous, True)
+        yield Chunk.of(i, inp.key, inp.kind, previous, True)
 
 
 def _results(inputs, start, opts, tok_path) -> Iterator[ChunkResult]:
