@@ -7,8 +7,9 @@ The text (repeated to ``--repeat`` copies) is cut into documents two ways: ``blo
 blocks (tinyshakespeare: ~50 tokens each, the worst case for per-document costs), and ``pages``, runs of
 blocks of at least 4 kB (~1000 tokens, about FineWeb-Edu's mean document). Each is written as jsonl over four
 files. The baseline is ``SentencePieceProcessor.encode`` of the same documents in one process with one
-thread; prep times include reading, JSON parsing, worker start-up, MDS writing and merging, but not the
-one-time import of streaming (and torch), done before timing.
+thread. Each job runs ``--trials`` times, interleaved, and the fastest run counts. Prep times include reading,
+JSON parsing, worker start-up, MDS writing and merging, but not the one-time import of streaming (and
+torch), done before timing.
 """
 
 from __future__ import annotations
@@ -56,17 +57,31 @@ def _prep_rows(name: str, docs: list[str], tmp: str, sp, tok: str, args) -> tupl
     for k in range(4):
         with open(os.path.join(folder, f"part{k}.jsonl"), "w") as f:
             f.writelines(json.dumps({"text": d}) + "\n" for d in docs[k::4])
-    start = time.perf_counter()
-    tokens = sum(len(ids) + 1 for ids in sp.encode(docs, num_threads=1))
-    raw = tokens / (time.perf_counter() - start)
+    def raw_encode() -> int:
+        return sum(len(ids) + 1 for ids in sp.encode(docs, num_threads=1))
+
+    def prep(workers: int, trial: int) -> dict:
+        return prep_shards(PrepOptions(inputs=[os.path.join(folder, "*.jsonl")], tokenizer=tok, seq_len=args.seq_len,
+                                       out=os.path.join(folder, f"out{workers}-{trial}"), workers=workers,
+                                       progress=False))
+
+    # Best of several interleaved trials: on a shared machine a slow trial says nothing about the code.
+    best = {"raw": float("inf"), 1: float("inf"), 2: float("inf")}
+    for trial in range(args.trials):
+        for job in best:
+            start = time.perf_counter()
+            result = raw_encode() if job == "raw" else prep(job, trial)
+            best[job] = min(best[job], time.perf_counter() - start)
+            if job == "raw":
+                tokens = result
+            else:
+                m = result
+    raw = tokens / best["raw"]
     label = f"{name} ({tokens / len(docs):.0f} tok/doc)"
     rows = [(f"sentencepiece encode, {label}", tokens, raw, raw, 1.0)]
     for workers in (1, 2):
-        start = time.perf_counter()
-        m = prep_shards(PrepOptions(inputs=[os.path.join(folder, "*.jsonl")], tokenizer=tok, seq_len=args.seq_len,
-                                    out=os.path.join(folder, f"out{workers}"), workers=workers, progress=False))
         n = m["splits"]["train"]["tokens"] + m["splits"]["val"]["tokens"]
-        rate = n / (time.perf_counter() - start)
+        rate = n / best[workers]
         rows.append((f"  prep shards, {workers} worker(s)", n, rate, rate / workers, rate / workers / raw))
     return rows, m
 
@@ -76,6 +91,7 @@ def main() -> None:
     parser.add_argument("text", nargs="?", help="a UTF-8 text file (default: generated text)")
     parser.add_argument("--generate-mb", type=float, default=10.0)
     parser.add_argument("--repeat", type=int, default=16, help="copies of the documents (more work per start-up)")
+    parser.add_argument("--trials", type=int, default=3, help="timed runs of each job; the best is reported")
     parser.add_argument("--vocab-size", type=int, default=4000)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -101,7 +117,7 @@ def main() -> None:
     for name, docs in (("blocks", blocks), ("pages", _pages(blocks))):
         shape_rows, m = _prep_rows(name, docs, tmp, sp, tok, args)
         rows += shape_rows
-    loader_rate = _loader_rate(os.path.join(tmp, "pages", "out1", "train"), args, m, sp.eos_id())
+    loader_rate = _loader_rate(os.path.join(tmp, "pages", "out1-0", "train"), args, m, sp.eos_id())
     print(f"\n{len(blocks)} blocks, vocab {args.vocab_size}, seq_len {args.seq_len}, {os.cpu_count()} CPUs")
     print(f"{'job':<44}{'tokens':>10}{'tokens/s':>12}{'per worker':>12}{'vs sp':>8}")
     for name, n, rate, per, ratio in rows:
@@ -119,11 +135,14 @@ def _loader_rate(folder: str, args, manifest: dict, eos_id: int) -> float:
                                 layout=DataLayout(), micro_batch_size=args.batch_size)
     it = iter(loader)
     next(it)
-    steps = min(200, manifest["splits"]["train"]["windows"] // args.batch_size - 1)
-    start = time.perf_counter()
-    for _ in range(steps):
-        inputs, _ = next(it)
-    return steps * inputs.numel() / (time.perf_counter() - start)
+    steps = min(200, manifest["splits"]["train"]["windows"] // (args.batch_size * args.trials) - 1)
+    best = float("inf")
+    for _ in range(args.trials):
+        start = time.perf_counter()
+        for _ in range(steps):
+            inputs, _ = next(it)
+        best = min(best, time.perf_counter() - start)
+    return steps * inputs.numel() / best
 
 
 if __name__ == "__main__":
