@@ -53,9 +53,10 @@ def init_distributed() -> None:
     if dist.is_initialized():
         return
     prepare_deepspeed_for_cpu()
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # no launcher (or a one-process one): fill in what is missing
+        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": "29500"}.items():
+            os.environ.setdefault(key, value)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")

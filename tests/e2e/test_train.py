@@ -16,8 +16,14 @@ REPO = Path(__file__).resolve().parents[2]
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) loss (\S+) dense (\S+)")
 
 
+_LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "RATPLUS_DISABLE_KERNELS": "1"}
+    """The test process's environment without the rank variables in-process fixtures set: each run is launched
+    afresh, by itself or by torchrun."""
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "RATPLUS_DISABLE_KERNELS": "1"}
 
 
 def _train_cmd(shards: Path, out: Path, *extra: str) -> list[str]:
