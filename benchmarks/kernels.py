@@ -3,9 +3,10 @@
     python benchmarks/kernels.py                 # every shape below
     python benchmarks/kernels.py --quick         # B·T = 16k only
 
-Scan (16 heads × 128, k and v in bf16, fp32 gate): ``gated_scan_kv`` beside the torch fallback (the reference
-model's Hillis–Steele scan over stacked k, v) and a ``torch.compile``d ``associative_scan`` over the official
-code's layout (gate duplicated over [k | v], fp32). Bandwidth is the minimal traffic of fwd + bwd (forward
+Scan (16 heads × 128, k and v in bf16; fp32 gate, and the layer's bf16 pre-activation): ``gated_scan_kv``
+beside the torch fallback (the reference model's Hillis–Steele scan over stacked k, v) and a
+``torch.compile``d ``associative_scan`` over the official code's layout (gate duplicated over [k | v], fp32).
+Bandwidth is the minimal traffic of fwd + bwd (forward
 reads gate, k, v and writes k̃, ṽ; backward reads gate, k, v, dk̃, dṽ and writes dgate, dk, dv) over the
 time, as a share of a device-to-device copy measured in the same run.
 
@@ -100,15 +101,25 @@ def scan_rows(shapes, copy_bw) -> list[list[str]]:
         dk, dv = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         leaves = [gate, k, v]
         fused = time_ms(fwd_bwd(lambda g, a, b: gated_scan_kv(g, a, b)[:2], leaves, [dk, dv]), leaves)
+        # The layer's call: bf16 pre-activation, sigmoid in the kernel.
+        logits = torch.randn(shape, device="cuda", dtype=torch.bfloat16).requires_grad_()
+        logit_leaves = [logits, k, v]
+        fused_logits = time_ms(fwd_bwd(lambda g, a, b: gated_scan_kv(g, a, b, gate_logits=True)[:2], logit_leaves,
+                                       [dk, dv]), logit_leaves)
         ref = time_ms(fwd_bwd(fallback, leaves, [dk, dv]), leaves)
         comp = time_ms(fwd_bwd(official, leaves, [torch.cat([dk, dv], -1)]), leaves)
         n = gate.numel()
-        traffic = n * (4 + 2 * 2 + 2 * 2) + n * (4 + 2 * 2 + 2 * 2 + 4 + 2 * 2)  # fwd + bwd bytes
+
+        def traffic(gate_bytes: int) -> int:  # fwd: f, k, v -> k̃, ṽ; bwd: f, k, v, dk̃, dṽ -> df, dk, dv
+            return n * (gate_bytes + 2 * 2 + 2 * 2) + n * (gate_bytes + 2 * 2 + 2 * 2 + gate_bytes + 2 * 2)
+
         case = f"scan B{batch}-T{time}"
-        for name, ms in [("triton gated_scan_kv", fused), ("torch fallback", ref), ("compiled assoc. scan", comp)]:
+        for name, ms, nbytes in [("triton gated_scan_kv", fused, traffic(4)),
+                                 ("triton gated_scan_kv, bf16 logits", fused_logits, traffic(2)),
+                                 ("torch fallback", ref, 0), ("compiled assoc. scan", comp, 0)]:
             rows.append([case, name, _fmt(ms), _ratio(ms, ref), _ratio(ms, comp),
-                         _fmt_bw(traffic, ms, copy_bw) if name.startswith("triton") else ""])
-        del gate, k, v, dk, dv, leaves
+                         _fmt_bw(nbytes, ms, copy_bw) if name.startswith("triton") else ""])
+        del gate, logits, k, v, dk, dv, leaves, logit_leaves
         torch.cuda.empty_cache()
     return rows
 

@@ -4,7 +4,8 @@ With Γ_t = ∂ℒ/∂h_t (plus ∂ℒ/∂h_{T-1} from the final state), the rev
 Λ_t = Γ_t + f_{t+1}·Λ_{t+1} gives ∂x_t = (1 - f_t)·Λ_t, ∂f_t = (h_{t-1} - x_t)·Λ_t and ∂h_{-1} = f_0·Λ_0.
 One program per (batch·head, channel block) walks the chunks from last to first: it recomputes the chunk's
 fp32 states forward from the saved checkpoint into a per-program workspace (storing h_{t-1} - x_t), then walks
-the chunk backward with Λ in registers. See kernels/scan/README.md for why states are recomputed.
+the chunk backward with Λ in registers. See kernels/scan/README.md for why states are recomputed. With the
+gate given as its pre-activation g, ∂g_t = ∂f_t·f_t·(1 - f_t), f recomputed from g.
 """
 
 from __future__ import annotations
@@ -13,15 +14,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .fwd import CHUNK, scan_configs
+from .fwd import CHUNK, load_gate, scan_configs
 
 
 @triton.jit
-def _recompute_chunk(p_g, p_x, p_w, b_h, t0, T, C, m_c, stride_g_t, stride_x_t, BT: tl.constexpr):
+def _recompute_chunk(p_g, p_x, p_w, b_h, t0, T, C, m_c, stride_g_t, stride_x_t, GATE_LOGITS: tl.constexpr,
+                     BT: tl.constexpr):
     """Writes h_{t-1} - x_t (fp32) for the chunk's steps into the workspace rows starting at ``p_w``."""
     for i_s in range(0, BT):
         m_t = m_c & (t0 + i_s < T)
-        b_g = tl.where(m_t, tl.load(p_g, mask=m_t, other=0).to(tl.float32), 1.0)
+        b_g = tl.where(m_t, load_gate(p_g, m_t, GATE_LOGITS), 1.0)
         b_x = tl.load(p_x, mask=m_t, other=0).to(tl.float32)
         tl.store(p_w, b_h - b_x, mask=m_t)
         b_h = b_g * b_h + (1 - b_g) * b_x
@@ -30,7 +32,7 @@ def _recompute_chunk(p_g, p_x, p_w, b_h, t0, T, C, m_c, stride_g_t, stride_x_t, 
         p_w += C
 
 
-@triton.autotune(configs=scan_configs(), key=["C", "NUM_X"])
+@triton.autotune(configs=scan_configs(), key=["C", "NUM_X", "GATE_LOGITS"])
 @triton.jit
 def gated_scan_bwd_kernel(
     g, x, v, hc, do, dov, dht, dg, dx, dv, dh0, ws,
@@ -38,7 +40,8 @@ def gated_scan_bwd_kernel(
     stride_g_b, stride_g_h, stride_g_t,
     stride_x_b, stride_x_h, stride_x_t,
     stride_v_b, stride_v_h, stride_v_t,
-    NUM_X: tl.constexpr, USE_DHT: tl.constexpr, USE_DH0: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    NUM_X: tl.constexpr, USE_DHT: tl.constexpr, USE_DH0: tl.constexpr, GATE_LOGITS: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr,
 ):
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
@@ -68,11 +71,11 @@ def gated_scan_bwd_kernel(
         t064 = t0.to(tl.int64)
         b_h = tl.load(hc + (i_bh64 * NT + i_t) * C + o_c, mask=m_c, other=0)
         _recompute_chunk(p_g0 + t064 * stride_g_t, p_x0 + t064 * stride_x_t, p_w0, b_h, t0, T, C, m_c,
-                         stride_g_t, stride_x_t, BT)
+                         stride_g_t, stride_x_t, GATE_LOGITS, BT)
         if NUM_X == 2:
             b_hv = tl.load(hc + ((n_bh + i_bh64) * NT + i_t) * C + o_c, mask=m_c, other=0)
             _recompute_chunk(p_g0 + t064 * stride_g_t, p_v0 + t064 * stride_v_t, p_wv0, b_hv, t0, T, C, m_c,
-                             stride_g_t, stride_v_t, BT)
+                             stride_g_t, stride_v_t, GATE_LOGITS, BT)
         # The workspace is read back by the same threads, but a barrier makes that independent of the layout.
         tl.debug_barrier()
         t_last = t0 + BT - 1
@@ -87,7 +90,7 @@ def gated_scan_bwd_kernel(
         for i_s in range(0, BT):
             # Steps past T read f = 1 and Γ = 0: Λ passes through unchanged and nothing is stored.
             m_t = m_c & (t_last - i_s < T)
-            b_g = tl.where(m_t, tl.load(p_g, mask=m_t, other=0).to(tl.float32), 1.0)
+            b_g = tl.where(m_t, load_gate(p_g, m_t, GATE_LOGITS), 1.0)
             b_lam = tl.load(p_do, mask=m_t, other=0).to(tl.float32) + b_gn * b_lam
             b_dg = tl.load(p_w, mask=m_t, other=0) * b_lam
             tl.store(p_dx, ((1 - b_g) * b_lam).to(p_dx.dtype.element_ty), mask=m_t)
@@ -95,6 +98,8 @@ def gated_scan_bwd_kernel(
                 b_lamv = tl.load(p_dov, mask=m_t, other=0).to(tl.float32) + b_gn * b_lamv
                 b_dg += tl.load(p_wv, mask=m_t, other=0) * b_lamv
                 tl.store(p_dv, ((1 - b_g) * b_lamv).to(p_dv.dtype.element_ty), mask=m_t)
+            if GATE_LOGITS:
+                b_dg = b_dg * b_g * (1 - b_g)
             tl.store(p_dg, b_dg.to(p_dg.dtype.element_ty), mask=m_t)
             b_gn = b_g
             p_g -= stride_g_t
@@ -113,9 +118,9 @@ def gated_scan_bwd_kernel(
             tl.store(dh0 + (n_bh + i_bh) * C + o_c, b_gn * b_lamv, mask=m_c)
 
 
-def scan_bwd(gate, xs, checkpoints, grad_outs, grad_final, need_initial_grad: bool):
-    """Gradients of gate (its dtype, contiguous), of each x (its dtype) and, when asked,
-    of the initial state ((len(xs), B, H, C) fp32)."""
+def scan_bwd(gate, xs, checkpoints, grad_outs, grad_final, need_initial_grad: bool, gate_logits: bool):
+    """Gradients of gate (its dtype, contiguous; of the pre-activation with ``gate_logits``), of each x (its
+    dtype) and, when asked, of the initial state ((len(xs), B, H, C) fp32)."""
     B, H, T, C = xs[0].shape
     nx = len(xs)
     nt = checkpoints.shape[2]
@@ -132,6 +137,6 @@ def scan_bwd(gate, xs, checkpoints, grad_outs, grad_final, need_initial_grad: bo
         dh0 if dh0 is not None else checkpoints, workspace,
         T, H, C, nt,
         *gate.stride()[:3], *xs[0].stride()[:3], *x2.stride()[:3],
-        NUM_X=nx, USE_DHT=grad_final is not None, USE_DH0=need_initial_grad, BT=CHUNK,
+        NUM_X=nx, USE_DHT=grad_final is not None, USE_DH0=need_initial_grad, GATE_LOGITS=gate_logits, BT=CHUNK,
     )
     return dgate, dxs, dh0

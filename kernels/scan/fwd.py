@@ -4,7 +4,8 @@ One program per (batch·head, channel block) walks time sequentially with the fp
 prefix products, so no exp/log and no overflow for gates arbitrarily close to 0 or 1. Every ``BT`` steps the
 carry is written to a small checkpoint buffer (1/BT of the fp32 states) from which backward recomputes the
 states chunk by chunk (kernels/scan/README.md). With ``NUM_X = 2`` one gate load drives two sequences (the
-layer's keys and values).
+layer's keys and values). With ``GATE_LOGITS`` the gate input is the pre-activation g and f = sigmoid(g) is
+taken in fp32 on load, so the layer never materialises the fp32 gate.
 """
 
 from __future__ import annotations
@@ -30,7 +31,16 @@ def scan_configs() -> list[triton.Config]:
     return [triton.Config({"BC": bc}, num_warps=w) for bc in (32, 64, 128) for w in (1, 2, 4) if bc >= 32 * w]
 
 
-@triton.autotune(configs=scan_configs(), key=["C", "NUM_X"])
+@triton.jit
+def load_gate(p_g, mask, GATE_LOGITS: tl.constexpr):
+    """f in fp32: the stored gate, or the sigmoid of the stored pre-activation."""
+    b_g = tl.load(p_g, mask=mask, other=0).to(tl.float32)
+    if GATE_LOGITS:
+        b_g = tl.sigmoid(b_g)
+    return b_g
+
+
+@triton.autotune(configs=scan_configs(), key=["C", "NUM_X", "GATE_LOGITS"])
 @triton.jit
 def gated_scan_fwd_kernel(
     g, x, v, h0, o, ov, ht, hc,
@@ -38,7 +48,7 @@ def gated_scan_fwd_kernel(
     stride_g_b, stride_g_h, stride_g_t,
     stride_x_b, stride_x_h, stride_x_t,
     stride_v_b, stride_v_h, stride_v_t,
-    NUM_X: tl.constexpr, USE_H0: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    NUM_X: tl.constexpr, USE_H0: tl.constexpr, GATE_LOGITS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
 ):
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
@@ -71,7 +81,7 @@ def gated_scan_fwd_kernel(
             # Steps past T see f = 1, x = 0: the carry passes through unchanged and nothing is stored. (f = 1
             # is set after the load: the interpreter keeps bf16 as raw 16-bit words, so other=1 is a denormal.)
             m_t = m_c & (i_t * BT + i_s < T)
-            b_g = tl.where(m_t, tl.load(p_g, mask=m_t, other=0).to(tl.float32), 1.0)
+            b_g = tl.where(m_t, load_gate(p_g, m_t, GATE_LOGITS), 1.0)
             b_x = tl.load(p_x, mask=m_t, other=0).to(tl.float32)
             b_h = b_g * b_h + (1 - b_g) * b_x
             tl.store(p_o, b_h.to(p_o.dtype.element_ty), mask=m_t)
@@ -89,8 +99,9 @@ def gated_scan_fwd_kernel(
         tl.store(ht + (n_bh + i_bh) * C + o_c, b_hv, mask=m_c)
 
 
-def scan_fwd(gate: torch.Tensor, xs: list[torch.Tensor], initial_state: torch.Tensor | None):
-    """Run the forward kernel for one or two sequences ``xs`` (each (B, H, T, C)) sharing ``gate``.
+def scan_fwd(gate: torch.Tensor, xs: list[torch.Tensor], initial_state: torch.Tensor | None, gate_logits: bool):
+    """Run the forward kernel for one or two sequences ``xs`` (each (B, H, T, C)) sharing ``gate`` (f itself,
+    or its pre-activation with ``gate_logits``).
 
     Returns the outputs (input dtype, contiguous), the final state (len(xs), B, H, C) fp32 and the fp32
     checkpoints (len(xs), B·H, NT, C) that backward recomputes from.
@@ -108,6 +119,6 @@ def scan_fwd(gate: torch.Tensor, xs: list[torch.Tensor], initial_state: torch.Te
         gate, xs[0], x2, h0, outs[0], out2, final, checkpoints,
         T, H, C, nt,
         *gate.stride()[:3], *xs[0].stride()[:3], *x2.stride()[:3],
-        NUM_X=nx, USE_H0=initial_state is not None, BT=CHUNK,
+        NUM_X=nx, USE_H0=initial_state is not None, GATE_LOGITS=gate_logits, BT=CHUNK,
     )
     return outs, final, checkpoints

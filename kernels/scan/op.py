@@ -28,10 +28,10 @@ class GatedScanFunction(torch.autograd.Function):
     """Composes the forward and backward kernels for 1 or 2 sequences sharing one gate."""
 
     @staticmethod
-    def forward(ctx, gate, initial_state, *xs):
-        outs, final, checkpoints = scan_fwd(gate, list(xs), initial_state)
+    def forward(ctx, gate_logits: bool, gate, initial_state, *xs):
+        outs, final, checkpoints = scan_fwd(gate, list(xs), initial_state, gate_logits)
         ctx.save_for_backward(gate, checkpoints, *xs)
-        ctx.has_initial = initial_state is not None
+        ctx.has_initial, ctx.gate_logits = initial_state is not None, gate_logits
         ctx.set_materialize_grads(False)
         return (*outs, final)
 
@@ -39,9 +39,9 @@ class GatedScanFunction(torch.autograd.Function):
     def backward(ctx, *grads):
         gate, checkpoints, *xs = ctx.saved_tensors
         grad_outs = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads[:-1], xs)]
-        need_h0 = ctx.has_initial and ctx.needs_input_grad[1]
-        dgate, dxs, dh0 = scan_bwd(gate, xs, checkpoints, grad_outs, grads[-1], need_h0)
-        return (dgate, dh0, *dxs)
+        need_h0 = ctx.has_initial and ctx.needs_input_grad[2]
+        dgate, dxs, dh0 = scan_bwd(gate, xs, checkpoints, grad_outs, grads[-1], need_h0, ctx.gate_logits)
+        return (None, dgate, dh0, *dxs)
 
 
 def gated_scan(gate: torch.Tensor, x: torch.Tensor, initial_state: torch.Tensor | None = None):
@@ -64,15 +64,18 @@ def gated_scan(gate: torch.Tensor, x: torch.Tensor, initial_state: torch.Tensor 
     h0 = None
     if initial_state is not None:
         h0 = _check("initial_state", initial_state, x.shape[:2] + x.shape[3:]).unsqueeze(0).contiguous()
-    h, final = GatedScanFunction.apply(gate, h0, x)
+    h, final = GatedScanFunction.apply(False, gate, h0, x)
     return h, final[0]
 
 
-def gated_scan_kv(gate: torch.Tensor, k: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None = None):
+def gated_scan_kv(gate: torch.Tensor, k: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None = None,
+                  *, gate_logits: bool = False):
     """The layer's recurrence: keys and values scanned with the same gate, read once per step.
 
     Args:
-        gate: (B, H, T, K) forget gate, already passed through the sigmoid (float32 per spec §1.8, or bfloat16).
+        gate: (B, H, T, K) forget gate f in (0, 1) (float32 per spec §1.8, or bfloat16); with ``gate_logits``
+            its pre-activation g instead (f = sigmoid(g) in fp32 inside the kernel, and the gradient returned
+            is g's), typically a strided view of the projection output, read in place.
         k, v: (B, H, T, K), float32 or bfloat16 (views with a unit-stride last axis are read in place).
         initial_state: (2, B, H, K) states of k̃ and ṽ before step 0, or None for zeros.
     Returns:
@@ -89,5 +92,5 @@ def gated_scan_kv(gate: torch.Tensor, k: torch.Tensor, v: torch.Tensor, initial_
     h0 = None
     if initial_state is not None:
         h0 = _check("initial_state", initial_state, (2,) + k.shape[:2] + k.shape[3:]).contiguous()
-    k_out, v_out, final = GatedScanFunction.apply(gate, h0, k, v)
+    k_out, v_out, final = GatedScanFunction.apply(gate_logits, gate, h0, k, v)
     return k_out, v_out, final

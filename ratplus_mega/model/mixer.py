@@ -52,8 +52,7 @@ class ParallelMixer(nn.Module):
         o, q, k, v, *g = z.split(self.width, dim=-1)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
         if self.recurrence:
-            gate = torch.sigmoid(self._heads(g[0]).float())
-            k, v, _ = ops.recurrence(gate, k, v)
+            k, v, _ = ops.recurrence(self._heads(g[0]), k, v)
         positions = torch.arange(position_offset, position_offset + q.shape[-2], device=q.device)
         q, k = ops.apply_rotary(q, positions, self.rope_theta), ops.apply_rotary(k, positions, self.rope_theta)
         pattern = ops.DENSE if attention_mode == "dense" else self.pattern

@@ -30,13 +30,14 @@ def _kernel(name: str, tensor: torch.Tensor):
     return getattr(kernels, name, None)
 
 
-def recurrence(gate: torch.Tensor, k: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None = None):
-    """Scan k and v (B, H, T, K) with one fp32 gate (B, H, T, K); returns k̃, ṽ (input dtype) and the final
-    state (2, B, H, K) in fp32."""
+def recurrence(g: torch.Tensor, k: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None = None):
+    """Scan k and v (B, H, T, K) with the forget gate f = sigmoid(g) in fp32, g (B, H, T, K) its pre-activation
+    (the kernel takes the sigmoid on load: no fp32 gate is stored for backward); returns k̃, ṽ (input dtype)
+    and the final state (2, B, H, K) in fp32."""
     fused = _kernel("gated_scan_kv", k)
     if fused is not None:
-        return fused(gate, k, v, initial_state)
-    h, state = gated_scan(gate, torch.stack([k, v]), initial_state)
+        return fused(g, k, v, initial_state, gate_logits=True)
+    h, state = gated_scan(torch.sigmoid(g.float()), torch.stack([k, v]), initial_state)
     return h[0], h[1], state
 
 

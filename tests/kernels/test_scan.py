@@ -109,6 +109,52 @@ def test_gated_scan_kv_matches_reference(kernels, compare, nan_poison, device, c
         compare(name, got, ref, tol_g)
 
 
+def loop_kv_from_logits(g, k, v, initial_state):
+    """Oracle of the fused-gate layer scan: f = sigmoid(g), one step at a time, in float64."""
+    f = torch.sigmoid(g.double())
+    hk, hv = (initial_state.double().unbind(0) if initial_state is not None
+              else (torch.zeros_like(f[:, :, 0]), torch.zeros_like(f[:, :, 0])))
+    ks, vs = [], []
+    for t in range(f.shape[2]):
+        hk = f[:, :, t] * hk + (1 - f[:, :, t]) * k[:, :, t].double()
+        hv = f[:, :, t] * hv + (1 - f[:, :, t]) * v[:, :, t].double()
+        ks.append(hk)
+        vs.append(hv)
+    return torch.stack(ks, 2).to(k.dtype), torch.stack(vs, 2).to(v.dtype), torch.stack([hk, hv]).float()
+
+
+LOGIT_CASES = [(1, 2, 37, 20, torch.float32, True), (2, 1, 23, 16, torch.bfloat16, False)]
+
+
+@pytest.mark.parametrize("case", LOGIT_CASES, ids=[scan_id(c) for c in LOGIT_CASES])
+def test_gated_scan_kv_from_logits_matches_step_loop(kernels, compare, nan_poison, device, case):
+    """The layer's call: g, k and v are strided views of one fused projection; sigmoid inside the kernel,
+    gradients with respect to g. Pre-activations of ±30 (f within 1e-13 of 0 or 1) must stay finite."""
+    b, h, t, kd, dtype, with_h0 = case
+    gen = torch.Generator().manual_seed(t * 7 + kd)
+    logits = 3 * torch.randn((t, b, h, kd), generator=gen)
+    logits.view(-1)[::11] = 30.0
+    logits.view(-1)[5::11] = -30.0
+    z = torch.randn((t, b, 3, h, kd), generator=gen)
+    z[:, :, 2] = logits
+    z = z.to(device, dtype).requires_grad_()
+    k, v, g = (z[:, :, i].permute(1, 2, 0, 3) for i in range(3))  # [T, B, H, K] -> (B, H, T, K) views
+    assert not g.is_contiguous()
+    h0 = torch.randn((2, b, h, kd), generator=gen).to(device).requires_grad_() if with_h0 else None
+    weights = [torch.randn((b, h, t, kd), generator=gen).to(device) for _ in range(2)]
+    weights.append(torch.randn((2, b, h, kd), generator=gen).to(device))
+    fused = lambda g_, k_, v_, h0_: kernels.gated_scan_kv(g_, k_, v_, h0_, gate_logits=True)  # noqa: E731
+    with nan_poison():
+        outs, grads = run_and_grad(fused, (g, k, v, h0), weights)
+    ref_outs, ref_grads = run_and_grad(loop_kv_from_logits, (g, k, v, h0), weights)
+    tol_v, tol_g = TOL[dtype]
+    for name, got, ref in zip(["k_tilde", "v_tilde", "final_state"], outs, ref_outs):
+        compare(name, got, ref, tol_v)
+    for name, got, ref in zip(["d_g", "d_k", "d_v", "d_initial_state"], grads, ref_grads):
+        assert torch.isfinite(got).all(), name
+        compare(name, got, ref, tol_g)
+
+
 def test_gated_scan_kv_with_unused_outputs(kernels, compare, device):
     """Only k̃ reaches the loss: the missing gradients of ṽ and of the final state count as zeros."""
     g = torch.Generator().manual_seed(3)
@@ -133,17 +179,23 @@ def test_gated_scan_rejects_bad_inputs(kernels, device):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("with_h0", [False, True], ids=["zero-state", "h0"])
-def test_gated_scan_kv_full_size(kernels, compare, with_h0):
-    """The 1.5B layer's shape: B2-H16-T4096-K128, bf16 keys and values, fp32 gate."""
+@pytest.mark.parametrize("gate_logits", [False, True], ids=["gate", "logits"])
+def test_gated_scan_kv_full_size(kernels, compare, with_h0, gate_logits):
+    """The 1.5B layer's shape: B2-H16-T4096-K128, bf16 keys and values, fp32 gate (or bf16 pre-activation)."""
     b, h, t, kd = 2, 16, 4096, 128
     g = torch.Generator().manual_seed(0)
-    gate = make_gate((b, h, t, kd), g).cuda().requires_grad_()
+    gate = make_gate((b, h, t, kd), g).cuda()
+    if gate_logits:
+        gate = torch.logit(gate, eps=1e-6).bfloat16()
+    gate.requires_grad_()
     k, v = (torch.randn((b, h, t, kd), generator=g).cuda().bfloat16().requires_grad_() for _ in range(2))
     h0 = torch.randn((2, b, h, kd), generator=g).cuda().requires_grad_() if with_h0 else None
     weights = [torch.randn((b, h, t, kd), generator=g).cuda() for _ in range(2)]
     weights.append(torch.randn((2, b, h, kd), generator=g).cuda())
-    outs, grads = run_and_grad(kernels.gated_scan_kv, (gate, k, v, h0), weights)
-    ref_outs, ref_grads = run_and_grad(reference_kv, (gate, k, v, h0), weights)
+    outs, grads = run_and_grad(lambda *a: kernels.gated_scan_kv(*a, gate_logits=gate_logits), (gate, k, v, h0),
+                               weights)
+    reference = (lambda g_, *a: reference_kv(torch.sigmoid(g_.float()), *a)) if gate_logits else reference_kv
+    ref_outs, ref_grads = run_and_grad(reference, (gate, k, v, h0), weights)
     for name, got, ref in zip(["k_tilde", "v_tilde", "final_state"], outs, ref_outs):
         compare(name, got, ref, 2e-2)
     for name, got, ref in zip(["d_gate", "d_k", "d_v", "d_initial_state"], grads, ref_grads):
