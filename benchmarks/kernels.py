@@ -6,9 +6,9 @@
 Scan (16 heads × 128, k and v in bf16; fp32 gate, and the layer's bf16 pre-activation): ``gated_scan_kv``
 beside the torch fallback (the reference model's Hillis–Steele scan over stacked k, v) and a
 ``torch.compile``d ``associative_scan`` over the official code's layout (gate duplicated over [k | v], fp32).
-Bandwidth is the minimal traffic of fwd + bwd (forward
-reads gate, k, v and writes k̃, ṽ; backward reads gate, k, v, dk̃, dṽ and writes dgate, dk, dv) over the
-time, as a share of a device-to-device copy measured in the same run.
+Bandwidth is the minimal traffic of fwd + bwd (forward reads gate, k, v and writes k̃, ṽ; backward reads gate,
+k, v, dk̃, dṽ and writes dgate, dk, dv) over the time, as a share of a device-to-device copy measured in the
+same run.
 
 Sparse attention (bf16, P = 4, D ∈ {1, 16, 64}, W ∈ {0, 256}) beside SDPA dense causal and flex_attention's
 two-call LSE merge (grid keys gathered + local/sink mask, as the official code runs it). TFLOP/s count the
@@ -74,6 +74,11 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 4 / (ms * 1e-3)
 
 
+def scan_traffic(n: int, gate_bytes: int) -> int:
+    """Minimal bytes of fwd (gate, k, v -> k̃, ṽ) + bwd (gate, k, v, dk̃, dṽ -> dgate, dk, dv), bf16 k and v."""
+    return n * (gate_bytes + 2 * 2 + 2 * 2) + n * (gate_bytes + 2 * 2 + 2 * 2 + gate_bytes + 2 * 2)
+
+
 def scan_rows(shapes, copy_bw) -> list[list[str]]:
     from torch._higher_order_ops.associative_scan import associative_scan
 
@@ -109,13 +114,9 @@ def scan_rows(shapes, copy_bw) -> list[list[str]]:
         ref = time_ms(fwd_bwd(fallback, leaves, [dk, dv]), leaves)
         comp = time_ms(fwd_bwd(official, leaves, [torch.cat([dk, dv], -1)]), leaves)
         n = gate.numel()
-
-        def traffic(gate_bytes: int) -> int:  # fwd: f, k, v -> k̃, ṽ; bwd: f, k, v, dk̃, dṽ -> df, dk, dv
-            return n * (gate_bytes + 2 * 2 + 2 * 2) + n * (gate_bytes + 2 * 2 + 2 * 2 + gate_bytes + 2 * 2)
-
         case = f"scan B{batch}-T{time}"
-        for name, ms, nbytes in [("triton gated_scan_kv", fused, traffic(4)),
-                                 ("triton gated_scan_kv, bf16 logits", fused_logits, traffic(2)),
+        for name, ms, nbytes in [("triton gated_scan_kv", fused, scan_traffic(n, 4)),
+                                 ("triton gated_scan_kv, bf16 logits", fused_logits, scan_traffic(n, 2)),
                                  ("torch fallback", ref, 0), ("compiled assoc. scan", comp, 0)]:
             rows.append([case, name, _fmt(ms), _ratio(ms, ref), _ratio(ms, comp),
                          _fmt_bw(nbytes, ms, copy_bw) if name.startswith("triton") else ""])

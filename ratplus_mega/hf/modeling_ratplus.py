@@ -81,12 +81,13 @@ def gated_scan(
     return b.to(x.dtype), b[..., -1, :]
 
 
-def _recurrence(gate: torch.Tensor, k: torch.Tensor, v: torch.Tensor, initial_state=None):
-    """Scan keys and values with the same gate; returns k̃, ṽ (input dtype) and the (2, B, H, K) fp32 state."""
+def _recurrence(g: torch.Tensor, k: torch.Tensor, v: torch.Tensor, initial_state=None):
+    """Scan keys and values with the same gate f = sigmoid(g) in fp32, g its pre-activation (the fused kernel
+    takes the sigmoid itself); returns k̃, ṽ (input dtype) and the (2, B, H, K) fp32 state."""
     fused = _fused("gated_scan_kv", k)
     if fused is not None:
-        return fused(gate, k, v, initial_state)
-    h, state = gated_scan(gate, torch.stack([k, v]), initial_state)
+        return fused(g, k, v, initial_state, gate_logits=True)
+    h, state = gated_scan(torch.sigmoid(g.float()), torch.stack([k, v]), initial_state)
     return h[0], h[1], state
 
 
@@ -386,8 +387,7 @@ class RatPlusMixer(nn.Module):
 
     def _project(self, u: torch.Tensor):
         o, q, k, v, *g = self.in_proj(u).split(self.hidden_size, dim=-1)
-        gate = torch.sigmoid(self._heads(g[0]).float()) if g else None
-        return o, self._heads(q), self._heads(k), self._heads(v), gate
+        return o, self._heads(q), self._heads(k), self._heads(v), (self._heads(g[0]) if g else None)
 
     def _output(self, a: torch.Tensor, o: torch.Tensor) -> torch.Tensor:  # a: (B, H, T, K)
         return self.out_proj(a.transpose(1, 2).flatten(2) * torch.sigmoid(o))
@@ -396,10 +396,10 @@ class RatPlusMixer(nn.Module):
         """u: (B, T, d) normed input. With a cache holding earlier positions, decodes one position."""
         if cache is not None and cache.length:
             return self.step(u, cache)
-        o, q, k, v, gate = self._project(u)
+        o, q, k, v, g = self._project(u)
         state = None
-        if gate is not None:
-            k, v, state = _recurrence(gate, k, v)
+        if g is not None:
+            k, v, state = _recurrence(g, k, v)
         positions = torch.arange(u.shape[1], device=u.device)
         q, k = apply_rotary(q, positions, self.rope_theta), apply_rotary(k, positions, self.rope_theta)
         a = attention(q, k, v, DENSE if attention_mode == "dense" else self.pattern)
@@ -409,10 +409,11 @@ class RatPlusMixer(nn.Module):
 
     def step(self, u: torch.Tensor, cache: RatPlusLayerCache) -> torch.Tensor:
         """Decode one position (u: (B, 1, d)) against the cache, then store it (spec §4.2)."""
-        o, q, k, v, gate = self._project(u)
+        o, q, k, v, g = self._project(u)
         position = torch.tensor([cache.length], device=u.device)
-        if gate is not None:
-            cache.state = gate[:, :, 0] * cache.state + (1 - gate[:, :, 0]) * torch.stack([k, v])[:, :, :, 0].float()
+        if g is not None:
+            f = torch.sigmoid(g[:, :, 0].float())
+            cache.state = f * cache.state + (1 - f) * torch.stack([k, v])[:, :, :, 0].float()
             k, v = (cache.state[i, :, :, None].to(k.dtype) for i in range(2))
         q, k = apply_rotary(q, position, self.rope_theta), apply_rotary(k, position, self.rope_theta)
         kv = torch.cat([cache.keys_values(), torch.stack([k, v])], dim=-2)
