@@ -8,6 +8,7 @@ part's name. The tail that does not fill a window is carried into the next input
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 
@@ -35,20 +36,31 @@ def window_writer(out: str, *, seq_len: int, dtype: np.dtype, size_limit: int):
     still encodes a window to the same bytes."""
     from streaming import MDSWriter
 
-    class _WindowWriter(MDSWriter):
-        def encode_sample(self, sample: dict) -> bytes:
-            window = sample["tokens"]
-            if window.dtype != dtype or window.shape != (seq_len + 1,):
-                raise ValueError(f"window of dtype {window.dtype} and shape {window.shape}, expected {dtype} "
-                                 f"({seq_len + 1},)")
-            return window.tobytes()
-
-    writer = _WindowWriter(out=out, columns={"tokens": column_encoding(seq_len, dtype)}, compression="zstd",
-                           size_limit=size_limit, max_workers=1)
+    writer = _window_writer_class()(out=out, columns={"tokens": column_encoding(seq_len, dtype)},
+                                    compression="zstd", size_limit=size_limit, max_workers=1)
+    writer.window = (dtype, (seq_len + 1,))
     probe = {"tokens": np.arange(seq_len + 1, dtype=dtype)}
     if writer.encode_sample(probe) != MDSWriter.encode_sample(writer, probe):
         raise RuntimeError("streaming's MDS encoding of ndarray columns changed; pin mosaicml-streaming==0.13.0")
     return writer
+
+
+@functools.cache
+def _window_writer_class():
+    """Defined on first use: importing streaming costs seconds (it imports torch)."""
+    from streaming import MDSWriter
+
+    class WindowWriter(MDSWriter):
+        window: tuple[np.dtype, tuple[int]]
+
+        def encode_sample(self, sample: dict) -> bytes:
+            window = sample["tokens"]
+            if (window.dtype, window.shape) != self.window:
+                raise ValueError(f"window of dtype {window.dtype} and shape {window.shape}, expected "
+                                 f"{self.window[0]} {self.window[1]}")
+            return window.tobytes()
+
+    return WindowWriter
 
 
 class SplitWriter:

@@ -81,7 +81,7 @@ def gated_scan(
     return b.to(x.dtype), b[..., -1, :]
 
 
-def _recurrence(g: torch.Tensor, k: torch.Tensor, v: torch.Tensor, initial_state=None):
+def recurrence(g: torch.Tensor, k: torch.Tensor, v: torch.Tensor, initial_state=None):
     """Scan keys and values with the same gate f = sigmoid(g) in fp32, g its pre-activation (the fused kernel
     takes the sigmoid itself); returns k̃, ṽ (input dtype) and the (2, B, H, K) fp32 state."""
     fused = _fused("gated_scan_kv", k)
@@ -225,13 +225,16 @@ def _attend_positions(q, k, v, q_offset: int, k_positions: torch.Tensor, pattern
     return torch.cat(outs, dim=-2).to(q.dtype), torch.cat(lses, dim=-1)
 
 
-def attention(q, k, v, pattern: Pattern, scale: float | None = None):
-    """Training/prefill attention for queries and keys at positions 0 .. T - 1 (fused kernel on CUDA)."""
+def attention(q, k, v, pattern: Pattern, scale: float | None = None, *, q_offset: int = 0,
+              k_positions: torch.Tensor | None = None):
+    """Training/prefill attention of q (B, H, Tq, K) at positions q_offset.. over k, v (B, H, Tk, K) at positions
+    0 .. Tk - 1, or at ``k_positions`` when the keys are a gathered set (fused kernel on CUDA, except for
+    gathered keys)."""
     dilation, window, sinks = pattern
     fused = _fused("sparse_attention", q)
-    if fused is not None:
-        return fused(q, k, v, dilation, window, sinks, scale)
-    return sparse_attention(q, k, v, dilation, window, sinks, scale)
+    if fused is not None and k_positions is None:
+        return fused(q, k, v, dilation, window, sinks, scale, q_offset=q_offset)
+    return sparse_attention(q, k, v, dilation, window, sinks, scale, q_offset=q_offset, k_positions=k_positions)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -399,7 +402,7 @@ class RatPlusMixer(nn.Module):
         o, q, k, v, g = self._project(u)
         state = None
         if g is not None:
-            k, v, state = _recurrence(g, k, v)
+            k, v, state = recurrence(g, k, v)
         positions = torch.arange(u.shape[1], device=u.device)
         q, k = apply_rotary(q, positions, self.rope_theta), apply_rotary(k, positions, self.rope_theta)
         a = attention(q, k, v, DENSE if attention_mode == "dense" else self.pattern)
