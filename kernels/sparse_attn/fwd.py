@@ -78,13 +78,13 @@ def load_rows(p_base, o_n, m_n, o_d, m_d, stride_t, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _attend(b_q, b_acc, b_m, b_l, p_k, p_v, o_n, m_n, o_qpos, o_d, m_d, stride_kt, stride_vt, D, W, P, qk_scale,
-            HAS_GRID: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
-    """One online-softmax step over the keys at positions ``o_n`` (scores in log2 units)."""
+def _attend(b_q, b_acc, b_m, b_l, p_k, p_v, o_n, o_kpos, m_n, o_qpos, o_d, m_d, stride_kt, stride_vt, D, W, P,
+            qk_scale, HAS_GRID: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    """One online-softmax step over the key rows ``o_n`` at positions ``o_kpos`` (scores in log2 units)."""
     b_k = load_rows(p_k, o_n, m_n, o_d, m_d, stride_kt, INTERPRET)
     b_v = load_rows(p_v, o_n, m_n, o_d, m_d, stride_vt, INTERPRET)
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
-    m_s = allowed_mask(o_qpos[:, None], o_n[None, :], D, W, P, HAS_GRID) & m_n[None, :]
+    m_s = allowed_mask(o_qpos[:, None], o_kpos[None, :], D, W, P, HAS_GRID) & m_n[None, :]
     b_s = tl.where(m_s, b_s, float("-inf"))
     b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
     b_p = tl.exp2(b_s - b_m_new[:, None])
@@ -94,15 +94,22 @@ def _attend(b_q, b_acc, b_m, b_l, p_k, p_v, o_n, m_n, o_qpos, o_d, m_d, stride_k
     return b_acc, b_m_new, b_l
 
 
-@triton.autotune(configs=attention_configs(), key=["BLOCK_D", "HAS_GRID", "PRECISION"])
+@triton.jit
+def gathered_block_plan(key_end, window_start, far_end, i_first, i_last):
+    """Gathered keys of the query rows i_first..i_last: far entries [0, f_hi), window key indices [w_lo, k_hi)."""
+    return tl.load(far_end + i_first), tl.load(window_start + i_first), tl.load(key_end + i_last)
+
+
+@triton.autotune(configs=attention_configs(), key=["BLOCK_D", "HAS_GRID", "GATHERED", "PRECISION"])
 @triton.jit
 def sparse_attn_fwd_kernel(
     q, k, v, o, lse,
+    kpos, key_end, window_start, far_end, far_index,
     Tq, Tk, H, q_offset, D, W, P, qk_scale,
     stride_q_b, stride_q_h, stride_q_t, stride_k_b, stride_k_h, stride_k_t, stride_v_b, stride_v_h, stride_v_t,
     HEAD_DIM,
-    HAS_GRID: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_GRID: tl.constexpr, GATHERED: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Query blocks run last-first: the late ones visit the most keys and should start early.
     i_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -116,40 +123,68 @@ def sparse_attn_fwd_kernel(
     p_k = k + i_b * stride_k_b + i_h * stride_k_h
     p_v = v + i_b * stride_v_b + i_h * stride_v_h
     b_q = load_rows(q + i_b * stride_q_b + i_h * stride_q_h, o_i, m_i, o_d, m_d, stride_q_t, INTERPRET)
-    q0 = q_offset + i_m * BLOCK_M
-    q1 = q_offset + tl.minimum(i_m * BLOCK_M + BLOCK_M, Tq) - 1
-    ts1, g_first, n_grid, tw0, tw1 = query_block_plan(q0, q1, Tk, D, W, P, HAS_GRID, BLOCK_N)
 
     # A finite floor keeps rows that have seen no allowed key yet free of (-inf) - (-inf).
     b_m = tl.full([BLOCK_M], -1e30, dtype=tl.float32)
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for i_n in range(0, ts1):
-        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        b_acc, b_m, b_l = _attend(b_q, b_acc, b_m, b_l, p_k, p_v, o_n, o_n < Tk, o_qpos, o_d, m_d,
-                                  stride_k_t, stride_v_t, D, W, P, qk_scale, HAS_GRID, INTERPRET, PRECISION)
-    if HAS_GRID:
-        for j0 in range(0, n_grid, BLOCK_N):
+    if GATHERED:
+        f_hi, w_lo, k_hi = gathered_block_plan(key_end, window_start, far_end, i_m * BLOCK_M,
+                                               tl.minimum(i_m * BLOCK_M + BLOCK_M, Tq) - 1)
+        for j0 in range(0, f_hi, BLOCK_N):
             o_j = j0 + tl.arange(0, BLOCK_N)
-            b_acc, b_m, b_l = _attend(b_q, b_acc, b_m, b_l, p_k, p_v, g_first + o_j * D, o_j < n_grid, o_qpos,
-                                      o_d, m_d, stride_k_t, stride_v_t, D, W, P, qk_scale, HAS_GRID, INTERPRET,
-                                      PRECISION)
-    for i_n in range(tw0, tw1 + 1):
-        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        b_acc, b_m, b_l = _attend(b_q, b_acc, b_m, b_l, p_k, p_v, o_n, o_n < Tk, o_qpos, o_d, m_d,
-                                  stride_k_t, stride_v_t, D, W, P, qk_scale, HAS_GRID, INTERPRET, PRECISION)
+            m_j = o_j < f_hi
+            o_n = tl.load(far_index + o_j, mask=m_j, other=0)
+            b_acc, b_m, b_l = _attend(b_q, b_acc, b_m, b_l, p_k, p_v, o_n, tl.load(kpos + o_n, mask=m_j, other=0),
+                                      m_j, o_qpos, o_d, m_d, stride_k_t, stride_v_t, D, W, P, qk_scale, HAS_GRID,
+                                      INTERPRET, PRECISION)
+        for n0 in range(w_lo, k_hi, BLOCK_N):
+            o_n = n0 + tl.arange(0, BLOCK_N)
+            m_n = o_n < k_hi
+            b_acc, b_m, b_l = _attend(b_q, b_acc, b_m, b_l, p_k, p_v, o_n, tl.load(kpos + o_n, mask=m_n, other=0),
+                                      m_n, o_qpos, o_d, m_d, stride_k_t, stride_v_t, D, W, P, qk_scale, HAS_GRID,
+                                      INTERPRET, PRECISION)
+    else:
+        q0 = q_offset + i_m * BLOCK_M
+        q1 = q_offset + tl.minimum(i_m * BLOCK_M + BLOCK_M, Tq) - 1
+        ts1, g_first, n_grid, tw0, tw1 = query_block_plan(q0, q1, Tk, D, W, P, HAS_GRID, BLOCK_N)
+        for i_n in range(0, ts1):
+            o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            b_acc, b_m, b_l = _attend(b_q, b_acc, b_m, b_l, p_k, p_v, o_n, o_n, o_n < Tk, o_qpos, o_d, m_d,
+                                      stride_k_t, stride_v_t, D, W, P, qk_scale, HAS_GRID, INTERPRET, PRECISION)
+        if HAS_GRID:
+            for j0 in range(0, n_grid, BLOCK_N):
+                o_j = j0 + tl.arange(0, BLOCK_N)
+                o_n = g_first + o_j * D
+                b_acc, b_m, b_l = _attend(b_q, b_acc, b_m, b_l, p_k, p_v, o_n, o_n, o_j < n_grid, o_qpos, o_d, m_d,
+                                          stride_k_t, stride_v_t, D, W, P, qk_scale, HAS_GRID, INTERPRET, PRECISION)
+        for i_n in range(tw0, tw1 + 1):
+            o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            b_acc, b_m, b_l = _attend(b_q, b_acc, b_m, b_l, p_k, p_v, o_n, o_n, o_n < Tk, o_qpos, o_d, m_d,
+                                      stride_k_t, stride_v_t, D, W, P, qk_scale, HAS_GRID, INTERPRET, PRECISION)
 
-    # Every valid row has at least its own key (W >= 0); padded rows are never stored.
-    b_l = tl.where(m_i, b_l, 1.0)
-    b_o = b_acc / b_l[:, None]
+    # A row with no allowed key (only possible with gathered keys; padded rows are never stored) gets a zero
+    # output and an LSE of -inf, so partial results over disjoint key sets merge exactly.
+    m_any = b_l > 0
+    b_o = b_acc / tl.where(m_any, b_l, 1.0)[:, None]
     p_o = o + i_bh.to(tl.int64) * Tq * HEAD_DIM + o_i[:, None] * HEAD_DIM + o_d[None, :]
     tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=m_i[:, None] & m_d[None, :])
     # Scores are in log2 units; the LSE is returned in natural log (· ln 2).
-    tl.store(lse + i_bh.to(tl.int64) * Tq + o_i, (b_m + tl.log2(b_l)) * 0.6931471805599453, mask=m_i)
+    b_lse = tl.where(m_any, (b_m + tl.log2(tl.where(m_any, b_l, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(lse + i_bh.to(tl.int64) * Tq + o_i, b_lse, mask=m_i)
 
 
-def attention_fwd(q, k, v, pattern):
-    """Output (B, H, Tq, K) in q's dtype and the natural-log LSE (B, H, Tq) fp32 of the scaled scores."""
+def index_args(gathered, device) -> tuple[torch.Tensor, ...]:
+    """The gathered-key plan's tensors as kernel arguments: positions, key_end, window_start, far_end,
+    far_index; a placeholder (never read) for keys at positions 0 .. Tk - 1."""
+    if gathered is None:
+        return (torch.zeros(1, dtype=torch.int32, device=device),) * 5
+    return gathered.positions, gathered.key_end, gathered.window_start, gathered.far_end, gathered.far_index
+
+
+def attention_fwd(q, k, v, pattern, gathered=None):
+    """Output (B, H, Tq, K) in q's dtype and the natural-log LSE (B, H, Tq) fp32 of the scaled scores; keys at
+    positions 0 .. Tk - 1, or as planned by ``gathered`` (a ``GatheredKeys``)."""
     B, H, Tq, K = q.shape
     Tk = k.shape[2]
     out = torch.empty((B, H, Tq, K), dtype=q.dtype, device=q.device)
@@ -157,10 +192,11 @@ def attention_fwd(q, k, v, pattern):
     grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)  # noqa: E731
     sparse_attn_fwd_kernel[grid](
         q, k, v, out, lse,
+        *index_args(gathered, q.device),
         Tq, Tk, H, pattern.q_offset, pattern.dilation, pattern.window, pattern.sinks, pattern.scale * LOG2E,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         K,
-        HAS_GRID=pattern.dilation > 0, BLOCK_D=max(16, triton.next_power_of_2(K)),
+        HAS_GRID=pattern.dilation > 0, GATHERED=gathered is not None, BLOCK_D=max(16, triton.next_power_of_2(K)),
         PRECISION=dot_precision(q.dtype), INTERPRET=INTERPRET,
     )
     return out, lse

@@ -228,12 +228,11 @@ def _attend_positions(q, k, v, q_offset: int, k_positions: torch.Tensor, pattern
 def attention(q, k, v, pattern: Pattern, scale: float | None = None, *, q_offset: int = 0,
               k_positions: torch.Tensor | None = None):
     """Training/prefill attention of q (B, H, Tq, K) at positions q_offset.. over k, v (B, H, Tk, K) at positions
-    0 .. Tk - 1, or at ``k_positions`` when the keys are a gathered set (fused kernel on CUDA, except for
-    gathered keys)."""
+    0 .. Tk - 1, or at ``k_positions`` (sorted) when the keys are a gathered set; the fused kernel on CUDA."""
     dilation, window, sinks = pattern
     fused = _fused("sparse_attention", q)
-    if fused is not None and k_positions is None:
-        return fused(q, k, v, dilation, window, sinks, scale, q_offset=q_offset)
+    if fused is not None:
+        return fused(q, k, v, dilation, window, sinks, scale, q_offset=q_offset, k_positions=k_positions)
     return sparse_attention(q, k, v, dilation, window, sinks, scale, q_offset=q_offset, k_positions=k_positions)
 
 

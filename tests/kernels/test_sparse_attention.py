@@ -68,6 +68,90 @@ def test_sparse_attention_matches_reference(kernels, compare, nan_poison, device
         compare(name, got, ref, tol_g)
 
 
+def context_parallel_keys(q_offset: int, dilation: int, window: int, sinks: int, tq: int) -> torch.Tensor:
+    """The key positions a context-parallel rank holding queries ``q_offset ..`` gathers: the sinks and grid keys
+    of earlier ranks, the previous rank's last W keys, then its own chunk."""
+    far = [p for p in range(q_offset - window) if p < sinks or (dilation > 0 and (p + 1) % dilation == 0)]
+    return torch.tensor(far + list(range(max(q_offset - window, 0), q_offset + tq)))
+
+
+def random_keys(n: int, span: int, seed: int) -> torch.Tensor:
+    return torch.randperm(span, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+
+
+GATHERED_CASES = {
+    # name: (Tq, q_offset, key positions, (D, W, P), dtype)
+    # (Tq chosen so that the last far key any query sees, q_last - W - 1, is a grid key)
+    "cp-D4-W5-P2": (38, 48, context_parallel_keys(48, 4, 5, 2, 38), (4, 5, 2), torch.float32),
+    "cp-D16-W17-P4": (44, 70, context_parallel_keys(70, 16, 17, 4, 44), (16, 17, 4), torch.float32),
+    "cp-D-1-W20-P3": (30, 50, context_parallel_keys(50, -1, 20, 3, 30), (-1, 20, 3), torch.float32),
+    "cp-D4-W5-P2-bf16": (38, 48, context_parallel_keys(48, 4, 5, 2, 38), (4, 5, 2), torch.bfloat16),
+    # arbitrary sorted sets: keys after the last query, far keys inside window tiles, rows with no key
+    "random-D3-W2-P1": (40, 60, random_keys(53, 120, 3), (3, 2, 1), torch.float32),
+    "random-D16-W17-P4": (40, 60, random_keys(53, 120, 4), (16, 17, 4), torch.float32),
+    "random-D-1-W0-P0-empty-rows": (40, 60, random_keys(53, 120, 5), (-1, 0, 0), torch.float32),
+    "sparse-D5-W20-P2": (70, 100, random_keys(40, 200, 6), (5, 20, 2), torch.float32),  # gaps wider than a tile
+    "three-keys": (21, 5, torch.tensor([0, 7, 19]), (4, 1, 1), torch.float32),
+    "no-keys": (5, 3, torch.zeros(0, dtype=torch.long), (4, 1, 1), torch.float32),
+}
+
+
+def run_and_grad_gathered(fn, q, k, v, pattern, q_offset, k_positions, weights):
+    """As ``run_and_grad``; the loss takes only finite LSEs (a row with no allowed key has -inf)."""
+    out, lse = fn(q, k, v, *pattern, q_offset=q_offset, k_positions=k_positions, return_lse=True)
+    loss = (out.float() * weights[0]).sum() + (torch.where(lse.isfinite(), lse, 0) * weights[1]).sum()
+    return out.detach(), lse.detach(), torch.autograd.grad(loss, (q, k, v))
+
+
+@pytest.mark.parametrize("name", list(GATHERED_CASES))
+def test_sparse_attention_gathered_keys_match_reference(kernels, compare, nan_poison, device, name):
+    """Keys at arbitrary sorted global positions against the reference's explicit per-position mask."""
+    tq, off, positions, pattern, dtype = GATHERED_CASES[name]
+    tk, b, h, kd = len(positions), 1, 2, 16
+    g = torch.Generator().manual_seed(tq * 1000 + tk)
+    q = torch.randn((b, h, tq, kd), generator=g).to(device, dtype).requires_grad_()
+    k, v = (torch.randn((b, h, tk, kd), generator=g).to(device, dtype).requires_grad_() for _ in range(2))
+    weights = [torch.randn((b, h, tq, kd), generator=g).to(device), torch.randn((b, h, tq), generator=g).to(device)]
+    with nan_poison():
+        out, lse, grads = run_and_grad_gathered(kernels.sparse_attention, q, k, v, pattern, off, positions.to(device),
+                                                weights)
+    ref_out, ref_lse, ref_grads = run_and_grad_gathered(reference_attention, q, k, v, pattern, off, positions,
+                                                        weights)
+    tol_v, tol_g = TOL[dtype]
+    compare("out", out, ref_out, tol_v)
+    empty = ref_lse.isneginf()
+    assert torch.equal(lse.isneginf().cpu(), empty.cpu()), "rows without an allowed key differ"
+    compare("lse", lse.masked_fill(empty, 0), ref_lse.masked_fill(empty, 0), 1e-5)
+    for name_, got, ref in zip(["dq", "dk", "dv"], grads, ref_grads):
+        compare(name_, got, ref, tol_g)
+    if name.endswith("empty-rows"):
+        assert empty.any() and not empty.all(), "the case must hold rows with and without keys"
+
+
+def test_gathered_partials_merge_into_full_attention(kernels, compare, device):
+    """Context parallelism's use: attention over two disjoint key sets, merged by their LSEs, is the attention
+    over all keys (the plain reference, keys at 0 .. Tk - 1), values and the gradient of q."""
+    tq, off, pattern = 37, 33, (4, 5, 2)
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn((1, 2, tq, 16), generator=g).to(device).requires_grad_()
+    k, v = (torch.randn((1, 2, off + tq, 16), generator=g).to(device) for _ in range(2))
+    weight = torch.randn((1, 2, tq, 16), generator=g).to(device)
+    mine = torch.rand(off + tq, generator=g) < 0.5
+    parts = []
+    for keep in (mine, ~mine):
+        index = torch.nonzero(keep).flatten()
+        parts.append(kernels.sparse_attention(q, k[:, :, index.to(device)], v[:, :, index.to(device)], *pattern,
+                                              q_offset=off, k_positions=index.to(device), return_lse=True))
+    (out_a, lse_a), (out_b, lse_b) = parts
+    lse = torch.logaddexp(lse_a, lse_b)
+    merged = out_a * (lse_a - lse).exp()[..., None] + out_b * (lse_b - lse).exp()[..., None]
+    ref = reference_attention(q, k, v, *pattern, q_offset=off)
+    compare("out", merged, ref, 1e-5)
+    grad, = torch.autograd.grad((merged * weight).sum(), q)
+    ref_grad, = torch.autograd.grad((ref * weight).sum(), q)
+    compare("dq", grad, ref_grad, 1e-4)
+
+
 def test_sparse_attention_default_call(kernels, compare, device):
     """The call the model makes: no LSE, default scale, keys read through strides (a transposed view)."""
     g = torch.Generator().manual_seed(1)
@@ -91,6 +175,10 @@ def test_sparse_attention_rejects_bad_inputs(kernels, device):
         kernels.sparse_attention(q, q, q, 4, 0, 0, q_offset=1)
     with pytest.raises(ValueError, match="dtype"):
         kernels.sparse_attention(q, q.bfloat16(), q, 4, 0, 0)
+    for positions, match in [(torch.tensor([0, 1, 2, 3, 5, 4, 6, 7]), "sorted"), (torch.arange(7), "shape"),
+                             (torch.arange(8.0), "integers"), (torch.arange(8) - 1, "non-negative")]:
+        with pytest.raises(ValueError, match=match):
+            kernels.sparse_attention(q, q, q, 4, 0, 0, k_positions=positions.to(device))
 
 
 @pytest.mark.gpu
