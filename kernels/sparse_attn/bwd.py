@@ -23,6 +23,7 @@ from .fwd import (
     LOG2E,
     allowed_mask,
     attention_configs,
+    configs_for_precision,
     dot_precision,
     gathered_block_plan,
     index_args,
@@ -76,7 +77,8 @@ def _dkdv_step(b_k, b_v, b_dk, b_dv, o_kpos, m_k, i0, p_q, p_do, p_lse, p_delta,
     return b_dk, b_dv
 
 
-@triton.autotune(configs=attention_configs(bwd=True), key=["BLOCK_D", "GATHERED", "PRECISION"])
+@triton.autotune(configs=attention_configs(bwd=True), key=["BLOCK_D", "GATHERED", "PRECISION"],
+                 prune_configs_by={"early_config_prune": configs_for_precision})
 @triton.jit
 def sparse_attn_bwd_far_kernel(
     q, k, v, do, lse, delta, dk_far, dv_far,
@@ -122,7 +124,8 @@ def sparse_attn_bwd_far_kernel(
     tl.store(dv_far + p_out, b_dv, mask=m_out)
 
 
-@triton.autotune(configs=attention_configs(bwd=True), key=["BLOCK_D", "HAS_FAR", "GATHERED", "PRECISION"])
+@triton.autotune(configs=attention_configs(bwd=True), key=["BLOCK_D", "HAS_FAR", "GATHERED", "PRECISION"],
+                 prune_configs_by={"early_config_prune": configs_for_precision})
 @triton.jit
 def sparse_attn_bwd_window_kernel(
     q, k, v, do, lse, delta, dk_far, dv_far, dk, dv,
@@ -195,7 +198,8 @@ def _dq_step(b_q, b_do, b_lse, b_delta, b_dq, p_k, p_v, o_n, o_kpos, m_n, o_qpos
     return b_dq + tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
 
 
-@triton.autotune(configs=attention_configs(bwd=True), key=["BLOCK_D", "HAS_GRID", "GATHERED", "PRECISION"])
+@triton.autotune(configs=attention_configs(bwd=True), key=["BLOCK_D", "HAS_GRID", "GATHERED", "PRECISION"],
+                 prune_configs_by={"early_config_prune": configs_for_precision})
 @triton.jit
 def sparse_attn_bwd_dq_kernel(
     q, k, v, do, lse, delta, dq,

@@ -25,14 +25,29 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
 
 
+# fp32 runs with IEEE products (below), which no tensor core offers: the dots fall back to FMA units whose operand
+# layouts spill registers at head dim 128 for any larger tile on sm_90 (python -m
+# ratplus_mega.kernels.compile_check). fp32 serves exactness checks, not training, so it gets this one tile.
+IEEE_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=8, num_stages=1)
+
+
 def attention_configs(*, bwd: bool = False) -> list[triton.Config]:
-    """Tile choices for autotuning; exactly one under the interpreter."""
+    """Tile choices for autotuning, all free of register spills at head dim 128 on sm_90 (compile_check);
+    exactly one under the interpreter."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1)]
-    shapes = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 2)]
+    shapes = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3)]
     if bwd:
-        shapes = [(32, 64, 4, 2), (64, 64, 4, 2), (64, 64, 8, 3), (32, 128, 8, 2), (64, 128, 8, 2)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+        shapes = [(32, 32, 4, 2), (64, 32, 4, 2), (32, 64, 8, 2), (64, 64, 8, 2), (64, 64, 8, 3)]
+    tiles = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+    return tiles + [IEEE_CONFIG]
+
+
+def configs_for_precision(configs, named_args, **kwargs) -> list[triton.Config]:
+    """Autotuner pruning: the IEEE tile for fp32, the tensor-core tiles otherwise."""
+    if kwargs["PRECISION"] == "ieee":
+        return [IEEE_CONFIG]
+    return [c for c in configs if c is not IEEE_CONFIG]
 
 
 def dot_precision(dtype: torch.dtype) -> str | None:
@@ -100,7 +115,8 @@ def gathered_block_plan(key_end, window_start, far_end, i_first, i_last):
     return tl.load(far_end + i_first), tl.load(window_start + i_first), tl.load(key_end + i_last)
 
 
-@triton.autotune(configs=attention_configs(), key=["BLOCK_D", "HAS_GRID", "GATHERED", "PRECISION"])
+@triton.autotune(configs=attention_configs(), key=["BLOCK_D", "HAS_GRID", "GATHERED", "PRECISION"],
+                 prune_configs_by={"early_config_prune": configs_for_precision})
 @triton.jit
 def sparse_attn_fwd_kernel(
     q, k, v, o, lse,
