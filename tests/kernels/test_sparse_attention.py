@@ -197,3 +197,25 @@ def test_sparse_attention_full_size(kernels, compare, pattern):
     compare("lse", lse, ref_lse, 1e-4)
     for name, got, ref in zip(["dq", "dk", "dv"], grads, ref_grads):
         compare(name, got, ref, 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("pattern", [(1, 0, 0), (16, 256, 4), (-1, 256, 4)],
+                         ids=["D1-W0-P0", "D16-W256-P4", "D-1-W256-P4"])
+def test_sparse_attention_gathered_full_size(kernels, compare, pattern):
+    """Context parallelism at the 1.5B layer's shape: the second of two ranks (queries 2048..4095, bf16) against
+    the keys it gathers, beside the reference's explicit per-position mask."""
+    b, h, tq, off, kd = 1, 16, 2048, 2048, 128
+    positions = context_parallel_keys(off, *pattern, tq)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn((b, h, tq, kd), generator=g).cuda().bfloat16().requires_grad_()
+    k, v = (torch.randn((b, h, len(positions), kd), generator=g).cuda().bfloat16().requires_grad_() for _ in range(2))
+    weights = [torch.randn((b, h, tq, kd), generator=g).cuda(), torch.randn((b, h, tq), generator=g).cuda()]
+    out, lse, grads = run_and_grad_gathered(kernels.sparse_attention, q, k, v, pattern, off, positions.cuda(), weights)
+    ref_out, ref_lse, ref_grads = run_and_grad_gathered(reference_attention, q, k, v, pattern, off, positions.cuda(),
+                                                        weights)
+    compare("out", out, ref_out, 2e-2)
+    compare("lse", lse, ref_lse, 1e-4)
+    for name, got, ref in zip(["dq", "dk", "dv"], grads, ref_grads):
+        compare(name, got, ref, 2e-2)
