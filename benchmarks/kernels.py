@@ -14,6 +14,10 @@ Sparse attention (bf16, P = 4, D ∈ {1, 16, 64}, W ∈ {0, 256}) beside SDPA de
 two-call LSE merge (grid keys gathered + local/sink mask, as the official code runs it). TFLOP/s count the
 allowed (q, k) pairs: 4·K flops per pair forward, 2.5× that backward.
 
+The last column checks the goals: the scan at >= 70 % of copy bandwidth; sparse attention within
+max(SDPA time × allowed pairs / dense pairs ÷ 0.6, 1.5 × its memory floor), the floor being one read or write of
+q, k, v, out and their gradients (12 bf16 tensors) at copy bandwidth, and faster than the flex two-call merge.
+
 Every ratio is to a baseline timed in the same run. Prints one table plus device, versions and git commit.
 """
 
@@ -27,6 +31,9 @@ from pathlib import Path
 import torch
 
 HEADS, HEAD_DIM = 16, 128
+SCAN_GOAL = 0.70  # share of copy bandwidth
+ATTENTION_EFFICIENCY = 0.6  # of dense SDPA's time per allowed pair
+FLOOR_SLACK = 1.5  # × the memory floor
 SHAPES = [(4, 4096), (16, 4096), (1, 16384), (4, 16384)]  # (batch, time): 16k-64k tokens per step
 PATTERNS = [(d, w, 4) for d in (1, 16, 64) for w in (0, 256)]
 
@@ -118,8 +125,10 @@ def scan_rows(shapes, copy_bw) -> list[list[str]]:
         for name, ms, nbytes in [("triton gated_scan_kv", fused, scan_traffic(n, 4)),
                                  ("triton gated_scan_kv, bf16 logits", fused_logits, scan_traffic(n, 2)),
                                  ("torch fallback", ref, 0), ("compiled assoc. scan", comp, 0)]:
+            triton_row = name.startswith("triton")
             rows.append([case, name, _fmt(ms), _ratio(ms, ref), _ratio(ms, comp),
-                         _fmt_bw(nbytes, ms, copy_bw) if name.startswith("triton") else ""])
+                         _fmt_bw(nbytes, ms, copy_bw) if triton_row else "",
+                         scan_goal(nbytes, ms, copy_bw) if triton_row else ""])
         del gate, logits, k, v, dk, dv, leaves, logit_leaves
         torch.cuda.empty_cache()
     return rows
@@ -135,6 +144,28 @@ def allowed_pairs(time: int, dilation: int, window: int, sinks: int) -> int:
         start = sinks + (dilation - 1 - sinks) % dilation
         far_grid = torch.clamp(torch.floor((q - window - 1 - start) / dilation) + 1, min=0)
     return int((local + far_sinks + far_grid).sum().item())
+
+
+def scan_goal(nbytes: int, ms, copy_bw: float) -> str:
+    if not isinstance(ms, float):
+        return "n/a"
+    share = nbytes / (ms * 1e-3) / copy_bw
+    return f"{'met' if share >= SCAN_GOAL else 'MISSED'} (>= {SCAN_GOAL:.0%} of copy)"
+
+
+def attention_goal_ms(sdpa_ms: float, pairs: int, dense_pairs: int, nbytes: int, copy_bw: float) -> float:
+    """The time sparse attention must beat: dense time scaled by the share of allowed pairs at 60 % of SDPA's
+    efficiency, or 1.5 × the memory floor (``nbytes`` at copy bandwidth), whichever is larger."""
+    floor_ms = nbytes / copy_bw * 1e3
+    return max(sdpa_ms * pairs / dense_pairs / ATTENTION_EFFICIENCY, FLOOR_SLACK * floor_ms)
+
+
+def attention_goal(fused, sdpa, flex, pairs: int, dense_pairs: int, nbytes: int, copy_bw: float) -> str:
+    if not (isinstance(fused, float) and isinstance(sdpa, float)):
+        return "n/a"
+    bound = attention_goal_ms(sdpa, pairs, dense_pairs, nbytes, copy_bw)
+    beats_flex = "n/a" if not isinstance(flex, float) else ("yes" if fused < flex else "NO")
+    return f"{'met' if fused <= bound else 'MISSED'} (<= {bound:.3f} ms), beats flex: {beats_flex}"
 
 
 def flex_merge_fn(time: int, pattern):
@@ -166,7 +197,7 @@ def flex_merge_fn(time: int, pattern):
     return run
 
 
-def attention_rows(shapes) -> list[list[str]]:
+def attention_rows(shapes, copy_bw) -> list[list[str]]:
     import torch.nn.functional as F
 
     from ratplus_mega.kernels import sparse_attention
@@ -179,11 +210,14 @@ def attention_rows(shapes) -> list[list[str]]:
         leaves = [q, k, v]
         sdpa = time_ms(fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True), leaves,
                                [do]), leaves)
-        dense_flops = 3.5 * 4 * HEAD_DIM * batch * HEADS * allowed_pairs(time, 1, 0, 0)
-        rows.append([f"attn B{batch}-T{time} dense", "SDPA causal", _fmt(sdpa), "1.00", "", _fmt_tflops(dense_flops,
-                                                                                                      sdpa)])
+        dense_pairs = allowed_pairs(time, 1, 0, 0)
+        dense_flops = 3.5 * 4 * HEAD_DIM * batch * HEADS * dense_pairs
+        rows.append([f"attn B{batch}-T{time} dense", "SDPA causal", _fmt(sdpa), "1.00", "",
+                     _fmt_tflops(dense_flops, sdpa), ""])
+        nbytes = 12 * q.numel() * q.element_size()  # q, k, v, out and their gradients, each once
         for pattern in PATTERNS:
-            flops = 3.5 * 4 * HEAD_DIM * batch * HEADS * allowed_pairs(time, *pattern)
+            pairs = allowed_pairs(time, *pattern)
+            flops = 3.5 * 4 * HEAD_DIM * batch * HEADS * pairs
             case = f"attn B{batch}-T{time} D{pattern[0]}-W{pattern[1]}-P{pattern[2]}"
             fused = time_ms(fwd_bwd(lambda a, b, c: sparse_attention(a, b, c, *pattern), leaves, [do]), leaves)
             try:
@@ -191,9 +225,10 @@ def attention_rows(shapes) -> list[list[str]]:
             except Exception as exc:  # block-mask construction itself may fail on an older torch
                 flex = f"failed: {type(exc).__name__}"
             rows.append([case, "triton sparse_attention", _fmt(fused), _ratio(fused, sdpa), _ratio(fused, flex),
-                         _fmt_tflops(flops, fused)])
+                         _fmt_tflops(flops, fused), attention_goal(fused, sdpa, flex, pairs, dense_pairs, nbytes,
+                                                                   copy_bw)])
             rows.append([case, "flex two-call merge", _fmt(flex), _ratio(flex, sdpa), "1.00",
-                         _fmt_tflops(flops, flex)])
+                         _fmt_tflops(flops, flex), ""])
         del q, k, v, do, leaves
         torch.cuda.empty_cache()
     return rows
@@ -220,7 +255,7 @@ def _fmt_tflops(flops: float, ms) -> str:
 
 def print_table(rows: list[list[str]]) -> None:
     header = ["case", "implementation", "fwd+bwd ms", "× torch fallback / SDPA", "× compiled scan / flex",
-              "throughput"]
+              "throughput", "goal"]
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     print(line(header))
@@ -250,7 +285,7 @@ def main() -> None:
     if not args.skip_scan:
         rows += scan_rows(shapes, copy_bw)
     if not args.skip_attention:
-        rows += attention_rows(shapes)
+        rows += attention_rows(shapes, copy_bw)
     print_table(rows)
 
 
