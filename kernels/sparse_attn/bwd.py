@@ -186,8 +186,8 @@ def sparse_attn_bwd_window_kernel(
 
 
 @triton.jit
-def _dq_step(b_q, b_do, b_lse, b_delta, b_dq, p_k, p_v, o_n, o_kpos, m_n, o_qpos, o_d, m_d, stride_kt, stride_vt, D, W, P,
-             qk_scale, HAS_GRID: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+def _dq_step(b_q, b_do, b_lse, b_delta, b_dq, p_k, p_v, o_n, o_kpos, m_n, o_qpos, o_d, m_d, stride_kt, stride_vt,
+             D, W, P, qk_scale, HAS_GRID: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
     b_k = load_rows(p_k, o_n, m_n, o_d, m_d, stride_kt, INTERPRET)
     b_v = load_rows(p_v, o_n, m_n, o_d, m_d, stride_vt, INTERPRET)
     m_s = allowed_mask(o_qpos[:, None], o_kpos[None, :], D, W, P, HAS_GRID) & m_n[None, :]
