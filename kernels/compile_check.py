@@ -101,7 +101,7 @@ def record_launches(drive) -> list[tuple[str, object, tuple, dict]]:
 def drive_scan() -> None:
     """The scan ops' launch variants: one sequence (fp32, bf16 with an initial state) and the layer's k/v pair
     (bf16 with an fp32 gate, and with a bf16 gate pre-activation read through projection strides)."""
-    B, H, T, C = 2, 4, 200, 128
+    B, H, T, C = 2, 4, 256, 128
     fwd, bwd = scan_fwd_module.scan_fwd, scan_bwd_module.scan_bwd
     for dtype, gate_dtype, nx, logits, strided, h0 in [
         (torch.float32, torch.float32, 1, False, False, False),
@@ -132,7 +132,8 @@ def drive_attention() -> None:
             pattern = Pattern(dilation, window, sinks, K**-0.5, 0)
             out, lse = attn_fwd_module.attention_fwd(q, k, v, pattern)
             attn_bwd_module.attention_bwd(q, k, v, out, lse, out, None, pattern)
-            # Context parallelism: queries of the second half against its gathered keys, LSE gradient used.
+            # Context parallelism: the next T queries against a gathered subset of the earlier keys, with the
+            # LSE's gradient (partials are merged by LSE).
             positions = torch.arange(0, T, 2)
             gathered = plan_gathered_keys(positions, T, T, len(positions), dilation, window, sinks, q.device)
             cp = Pattern(dilation, window, sinks, K**-0.5, T)
