@@ -149,8 +149,7 @@ def allowed_pairs(time: int, dilation: int, window: int, sinks: int) -> int:
 def scan_goal(nbytes: int, ms, copy_bw: float) -> str:
     if not isinstance(ms, float):
         return "n/a"
-    share = nbytes / (ms * 1e-3) / copy_bw
-    return f"{'met' if share >= SCAN_GOAL else 'MISSED'} (>= {SCAN_GOAL:.0%} of copy)"
+    return f"{'met' if _bandwidth(nbytes, ms) / copy_bw >= SCAN_GOAL else 'MISSED'} (>= {SCAN_GOAL:.0%} of copy)"
 
 
 def attention_goal_ms(sdpa_ms: float, pairs: int, dense_pairs: int, nbytes: int, copy_bw: float) -> float:
@@ -242,10 +241,14 @@ def _ratio(ms, base) -> str:
     return f"{ms / base:.2f}" if isinstance(ms, float) and isinstance(base, float) else "n/a"
 
 
+def _bandwidth(nbytes: int, ms: float) -> float:
+    return nbytes / (ms * 1e-3)
+
+
 def _fmt_bw(nbytes: int, ms, copy_bw: float) -> str:
     if not isinstance(ms, float):
         return ""
-    bw = nbytes / (ms * 1e-3)
+    bw = _bandwidth(nbytes, ms)
     return f"{bw / 1e9:.0f} GB/s = {100 * bw / copy_bw:.0f}% of copy"
 
 

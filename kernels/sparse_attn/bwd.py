@@ -54,8 +54,8 @@ def attn_bwd_preprocess_kernel(o, do, dlse, delta, Tq, HEAD_DIM, USE_DLSE: tl.co
 def _dkdv_step(b_k, b_v, b_dk, b_dv, o_kpos, m_k, i0, p_q, p_do, p_lse, p_delta, q_offset, Tq, W, qk_scale, o_d, m_d,
                HEAD_DIM, FAR: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
     """Adds the contributions of queries i0..i0+BLOCK_M-1 to the keys at positions ``o_kpos``: far pairs
-    (q - k > W; the caller holds only sinks and grid keys) if FAR,
-    else window pairs (0 <= q - k <= W). Works on transposed scores (keys × queries)."""
+    (q - k > W; the caller holds only sinks and grid keys) if FAR, else window pairs (0 <= q - k <= W).
+    Works on transposed scores (keys × queries)."""
     o_i = i0 + tl.arange(0, BLOCK_M)
     m_i = o_i < Tq
     b_q = load_rows(p_q, o_i, m_i, o_d, m_d, HEAD_DIM, INTERPRET)

@@ -192,9 +192,9 @@ def sparse_attn_fwd_kernel(
 
 def index_args(gathered, device) -> tuple[torch.Tensor, ...]:
     """The gathered-key plan's tensors as kernel arguments: positions, key_end, window_start, far_end,
-    far_index; a placeholder (never read) for keys at positions 0 .. Tk - 1."""
+    far_index; for keys at positions 0 .. Tk - 1 an unfilled placeholder (never read: no fill kernel per call)."""
     if gathered is None:
-        return (torch.zeros(1, dtype=torch.int32, device=device),) * 5
+        return (torch.empty(1, dtype=torch.int32, device=device),) * 5
     return gathered.positions, gathered.key_end, gathered.window_start, gathered.far_end, gathered.far_index
 
 
