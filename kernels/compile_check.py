@@ -9,6 +9,7 @@ architecture has (the autotuner skips those at run time; a variant none of whose
 
     python -m ratplus_mega.kernels.compile_check --arch 90                # the largest config of each variant
     python -m ratplus_mega.kernels.compile_check --arch 90 --all-configs  # every autotune config
+    python -m ratplus_mega.kernels.compile_check --only scan              # kernels whose name has "scan"
 
 Exit status 1 when a variant fails to compile or (with ``--all-configs``) has no config that fits.
 """
@@ -146,12 +147,15 @@ def _describe(value) -> str:
     return value if isinstance(value, str) else repr(value)
 
 
-def build_jobs(arch: int, all_configs: bool) -> list[CompileJob]:
-    """Distinct (kernel, specialisation) launches of both ops, each with its configs (or its largest one)."""
+def build_jobs(arch: int, all_configs: bool, only: str = "") -> list[CompileJob]:
+    """Distinct (kernel, specialisation) launches of both ops, each with its configs (or its largest one);
+    with ``only``, of the kernels whose name contains it."""
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     jobs, seen = [], set()
     for name, kernel, args, kwargs in record_launches(drive_scan) + record_launches(drive_attention):
+        if only not in name:
+            continue
         fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
         configs = [None]
         if isinstance(kernel, Autotuner):  # the configs this launch would autotune over
@@ -265,8 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability as an integer (80, 90, ...)")
     parser.add_argument("--all-configs", action="store_true", help="every autotune config, not only the largest")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiler processes")
+    parser.add_argument("--only", default="", help="compile only the kernels whose name contains this")
     args = parser.parse_args(argv)
-    jobs = build_jobs(args.arch, args.all_configs)
+    jobs = build_jobs(args.arch, args.all_configs, args.only)
+    if not jobs:
+        print(f"compile_check: no kernel name contains {args.only!r}", file=sys.stderr)
+        return 1
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
         results = list(pool.map(compile_job, jobs))

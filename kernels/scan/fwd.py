@@ -1,11 +1,14 @@
 """Forward of the gated linear recurrence h_t = f_t·h_{t-1} + (1 - f_t)·x_t (RATPLUS_SPEC.md §1.2 step 5).
 
-One program per (batch·head, channel block) walks time sequentially with the fp32 carry in registers: no
-prefix products, so no exp/log and no overflow for gates arbitrarily close to 0 or 1. Every ``BT`` steps the
-carry is written to a small checkpoint buffer (1/BT of the fp32 states) from which backward recomputes the
-states chunk by chunk (kernels/scan/README.md). With ``NUM_X = 2`` one gate load drives two sequences (the
-layer's keys and values). With ``GATE_LOGITS`` the gate input is the pre-activation g and f = sigmoid(g) is
-taken in fp32 on load, so the layer never materialises the fp32 gate.
+One program per (batch·head, channel block) walks time in chunks of ``BT`` steps. A chunk is loaded as one
+(BT, BC) tile, so all of its loads are in flight together, and scanned in registers with
+``tl.associative_scan`` over the affine maps y ↦ f·y + (1 - f)·x: the inclusive scan gives, for every step, the
+product of the chunk's gates so far (A) and the state reached from zero (B), and h = A·carry + B. Only
+products of gates in (0, 1) appear, no exp/log, so gates arbitrarily close to 0 or 1 cannot overflow. The
+carry entering each chunk is written to a small fp32 checkpoint buffer (1/BT of the states) from which the
+backward recomputes the states (kernels/scan/README.md). With ``NUM_X = 2`` one gate tile drives two
+sequences (the layer's keys and values). With ``GATE_LOGITS`` the gate input is the pre-activation g and
+f = sigmoid(g) is taken in fp32 on load, so the layer never materialises the fp32 gate.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Time steps between two saved fp32 carries: backward recomputes one chunk at a time from them, so this sets
-# the checkpoint memory (T / CHUNK fp32 states) and the workspace (CHUNK fp32 states per channel). Short under
-# the interpreter so that small test sequences cross several chunk boundaries.
+# Time steps per chunk: the tile height of both kernels and the spacing of the saved fp32 carries, so it sets
+# the checkpoint memory (T / CHUNK fp32 states). Short under the interpreter so that small test sequences
+# cross several chunk boundaries (and its per-element scan stays affordable).
 CHUNK = 16 if INTERPRET else 64
 
 
@@ -28,16 +31,41 @@ def scan_configs() -> list[triton.Config]:
     """Channel-block and warp choices; a single config under the interpreter (autotuning there is useless)."""
     if INTERPRET:
         return [triton.Config({"BC": 16}, num_warps=1)]
-    return [triton.Config({"BC": bc}, num_warps=w) for bc in (32, 64, 128) for w in (1, 2, 4) if bc >= 32 * w]
+    return [triton.Config({"BC": bc}, num_warps=w) for bc, w in ((16, 2), (16, 4), (32, 4), (32, 8), (64, 8))]
+
+
+@triton.jit
+def affine_combine(a1, b1, a2, b2):
+    """Composition of y ↦ a1·y + b1 (earlier) and y ↦ a2·y + b2 (later)."""
+    return a1 * a2, b1 * a2 + b2
+
+
+@triton.jit
+def affine_combine_pair(a1, b1, c1, a2, b2, c2):
+    """``affine_combine`` for two sequences sharing the multiplier (the layer's keys and values)."""
+    return a1 * a2, b1 * a2 + b2, c1 * a2 + c2
 
 
 @triton.jit
 def load_gate(p_g, mask, GATE_LOGITS: tl.constexpr):
-    """f in fp32: the stored gate, or the sigmoid of the stored pre-activation."""
+    """f in fp32: the stored gate, or the sigmoid of the stored pre-activation; 1 where masked (the identity
+    step). (The value is set after the load: the interpreter keeps bf16 as raw 16-bit words, so other=1 would
+    be a denormal.)"""
     b_g = tl.load(p_g, mask=mask, other=0).to(tl.float32)
     if GATE_LOGITS:
         b_g = tl.sigmoid(b_g)
-    return b_g
+    return tl.where(mask, b_g, 1.0)
+
+
+@triton.jit
+def load_f32(p, mask):
+    return tl.load(p, mask=mask, other=0).to(tl.float32)
+
+
+@triton.jit
+def row(b_x, o_r, r):
+    """Row ``r`` of a (BT, BC) tile, as a (BC,) vector."""
+    return tl.sum(tl.where(o_r[:, None] == r, b_x, 0.0), 0)
 
 
 @triton.autotune(configs=scan_configs(), key=["C", "NUM_X", "GATE_LOGITS"])
@@ -55,15 +83,18 @@ def gated_scan_fwd_kernel(
     n_bh = tl.num_programs(1).to(tl.int64)
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < C
-    # Inputs are read through their strides (views of the projection output need no copy); pointers advance
-    # step by step so that no 32-bit product of time and stride can overflow.
-    p_g = g + i_b * stride_g_b + i_h * stride_g_h + o_c
-    p_x = x + i_b * stride_x_b + i_h * stride_x_h + o_c
-    p_v = v + i_b * stride_v_b + i_h * stride_v_h + o_c
-    p_o = o + i_bh.to(tl.int64) * T * C + o_c
-    p_ov = ov + i_bh.to(tl.int64) * T * C + o_c
-    p_hc = hc + i_bh.to(tl.int64) * NT * C + o_c
-    p_hcv = hc + (n_bh + i_bh) * NT * C + o_c
+    o_r = tl.arange(0, BT)
+    # Inputs are read through their strides (views of the projection output need no copy). Chunk base
+    # pointers advance chunk by chunk, so no 32-bit product of time and stride can overflow.
+    p_g = g + i_b * stride_g_b + i_h * stride_g_h
+    p_x = x + i_b * stride_x_b + i_h * stride_x_h
+    p_v = v + i_b * stride_v_b + i_h * stride_v_h
+    p_o = o + i_bh.to(tl.int64) * T * C
+    p_ov = ov + i_bh.to(tl.int64) * T * C
+    off_g = o_r[:, None] * stride_g_t + o_c[None, :]
+    off_x = o_r[:, None] * stride_x_t + o_c[None, :]
+    off_v = o_r[:, None] * stride_v_t + o_c[None, :]
+    off_o = o_r[:, None] * C + o_c[None, :]
     if USE_H0:
         b_h = tl.load(h0 + i_bh * C + o_c, mask=m_c, other=0).to(tl.float32)
         if NUM_X == 2:
@@ -74,26 +105,29 @@ def gated_scan_fwd_kernel(
         b_h = tl.zeros([BC], dtype=tl.float32)
         b_hv = tl.zeros([BC], dtype=tl.float32)
     for i_t in range(0, NT):
-        tl.store(p_hc + i_t * C, b_h, mask=m_c)
+        tl.store(hc + (i_bh.to(tl.int64) * NT + i_t) * C + o_c, b_h, mask=m_c)
         if NUM_X == 2:
-            tl.store(p_hcv + i_t * C, b_hv, mask=m_c)
-        for i_s in range(0, BT):
-            # Steps past T see f = 1, x = 0: the carry passes through unchanged and nothing is stored. (f = 1
-            # is set after the load: the interpreter keeps bf16 as raw 16-bit words, so other=1 is a denormal.)
-            m_t = m_c & (i_t * BT + i_s < T)
-            b_g = tl.where(m_t, load_gate(p_g, m_t, GATE_LOGITS), 1.0)
-            b_x = tl.load(p_x, mask=m_t, other=0).to(tl.float32)
-            b_h = b_g * b_h + (1 - b_g) * b_x
-            tl.store(p_o, b_h.to(p_o.dtype.element_ty), mask=m_t)
-            if NUM_X == 2:
-                b_v = tl.load(p_v, mask=m_t, other=0).to(tl.float32)
-                b_hv = b_g * b_hv + (1 - b_g) * b_v
-                tl.store(p_ov, b_hv.to(p_ov.dtype.element_ty), mask=m_t)
-            p_g += stride_g_t
-            p_x += stride_x_t
-            p_v += stride_v_t
-            p_o += C
-            p_ov += C
+            tl.store(hc + ((n_bh + i_bh) * NT + i_t) * C + o_c, b_hv, mask=m_c)
+        # Steps past T are identity maps (f = 1, x = 0): the carry passes through and nothing is stored.
+        m = ((i_t * BT + o_r) < T)[:, None] & m_c[None, :]
+        b_f = load_gate(p_g + off_g, m, GATE_LOGITS)
+        b_x = load_f32(p_x + off_x, m)
+        if NUM_X == 2:
+            b_v = load_f32(p_v + off_v, m)
+            b_a, b_bx, b_bv = tl.associative_scan((b_f, (1 - b_f) * b_x, (1 - b_f) * b_v), 0, affine_combine_pair)
+            b_sv = b_a * b_hv[None, :] + b_bv
+            tl.store(p_ov + off_o, b_sv.to(ov.dtype.element_ty), mask=m)
+            b_hv = row(b_sv, o_r, BT - 1)
+        else:
+            b_a, b_bx = tl.associative_scan((b_f, (1 - b_f) * b_x), 0, affine_combine)
+        b_s = b_a * b_h[None, :] + b_bx
+        tl.store(p_o + off_o, b_s.to(o.dtype.element_ty), mask=m)
+        b_h = row(b_s, o_r, BT - 1)
+        p_g += BT * stride_g_t
+        p_x += BT * stride_x_t
+        p_v += BT * stride_v_t
+        p_o += BT * C
+        p_ov += BT * C
     tl.store(ht + i_bh * C + o_c, b_h, mask=m_c)
     if NUM_X == 2:
         tl.store(ht + (n_bh + i_bh) * C + o_c, b_hv, mask=m_c)
@@ -104,7 +138,7 @@ def scan_fwd(gate: torch.Tensor, xs: list[torch.Tensor], initial_state: torch.Te
     or its pre-activation with ``gate_logits``).
 
     Returns the outputs (input dtype, contiguous), the final state (len(xs), B, H, C) fp32 and the fp32
-    checkpoints (len(xs), B·H, NT, C) that backward recomputes from.
+    checkpoints (len(xs), B·H, NT, C): the carry entering each chunk, which backward recomputes from.
     """
     B, H, T, C = xs[0].shape
     nx = len(xs)

@@ -20,13 +20,17 @@ KERNELS = [
 ]
 
 
+def compile_check(*args: str) -> tuple[int, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "ratplus_mega.kernels.compile_check", *args],
+                         env=env, capture_output=True, text=True, timeout=1200)
+    return run.returncode, run.stdout + run.stderr
+
+
 @pytest.mark.slow
 def test_every_kernel_variant_compiles_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-m", "ratplus_mega.kernels.compile_check", "--arch", "90"],
-                         env=env, capture_output=True, text=True, timeout=1200)
-    report = run.stdout + run.stderr
-    assert run.returncode == 0, report
+    returncode, report = compile_check("--arch", "90")
+    assert returncode == 0, report
     assert "# 0 failure(s)" in report, report
     lines = [line for line in report.splitlines() if line.split() and line.split()[0] in KERNELS]
     assert {line.split()[0] for line in lines} == set(KERNELS), report
@@ -36,3 +40,12 @@ def test_every_kernel_variant_compiles_for_sm90():
         assert any(needle in line for line in attention), f"no forward variant with {needle}:\n{report}"
     # Every row carries registers, stack and shared bytes read back from the compiled kernel.
     assert all(re.search(r" \d+ +\d+ +\d+  \d+\.\ds", line) for line in lines), report
+
+
+def test_only_selects_kernels_by_name():
+    returncode, report = compile_check("--arch", "90", "--only", "preprocess", "--jobs", "1")
+    assert returncode == 0, report
+    rows = [line.split()[0] for line in report.splitlines() if line.split() and line.split()[0].endswith("_kernel")]
+    assert rows and set(rows) == {"attn_bwd_preprocess_kernel"}, report
+    returncode, report = compile_check("--only", "no_such_kernel")
+    assert returncode == 1 and "no kernel name contains 'no_such_kernel'" in report, report
