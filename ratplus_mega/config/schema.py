@@ -184,7 +184,8 @@ class DataConfig:
         if self.train_weights is not None:
             if len(self.train_weights) != len(self.train):
                 raise ConfigError(
-                    "train_weights", f"needs one weight per train entry ({len(self.train)}), got {len(self.train_weights)}"
+                    "train_weights",
+                    f"needs one weight per train entry ({len(self.train)}), got {len(self.train_weights)}",
                 )
             if any(w <= 0 for w in self.train_weights):
                 raise ConfigError("train_weights", "weights must be > 0")
@@ -193,7 +194,8 @@ class DataConfig:
         if self.num_workers < 0:
             raise ConfigError("num_workers", f"must be >= 0, got {self.num_workers}")
         if self.shuffle_seed < 0:
-            raise ConfigError("shuffle_seed", f"must be >= 0 (streaming refuses negative seeds), got {self.shuffle_seed}")
+            raise ConfigError("shuffle_seed",
+                              f"must be >= 0 (streaming refuses negative seeds), got {self.shuffle_seed}")
         remote = [p for p in [*self.train, *([self.val] if self.val else [])] if "://" in p]
         if remote and not self.cache_dir:
             raise ConfigError("cache_dir", f"remote datasets ({remote[0]}) need a local cache_dir")
@@ -269,13 +271,15 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         m, p, t = self.model, self.parallel, self.train
         if m.num_heads % p.tensor_parallel:
-            raise ConfigError("parallel.tensor_parallel", f"must divide num_heads ({m.num_heads}), got {p.tensor_parallel}")
+            raise ConfigError("parallel.tensor_parallel",
+                              f"must divide num_heads ({m.num_heads}), got {p.tensor_parallel}")
         if m.num_layers % p.pipeline_parallel:
             raise ConfigError(
                 "parallel.pipeline_parallel", f"must divide num_layers ({m.num_layers}), got {p.pipeline_parallel}"
             )
         if m.seq_len % p.context_parallel:
-            raise ConfigError("parallel.context_parallel", f"must divide seq_len ({m.seq_len}), got {p.context_parallel}")
+            raise ConfigError("parallel.context_parallel",
+                              f"must divide seq_len ({m.seq_len}), got {p.context_parallel}")
         if t.joint and m.pattern.is_dense:
             raise ConfigError("train.joint", "joint training needs a sparse model.pattern (e.g. dilation: 64)")
         for i, pattern in enumerate(t.eval_patterns):

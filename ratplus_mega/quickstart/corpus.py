@@ -29,7 +29,8 @@ class RecallQuestion:
     answer: str
 
 
-def make_document(rng: random.Random, index: int, *, facts: int = 3, filler: int = 6) -> tuple[str, list[RecallQuestion]]:
+def make_document(rng: random.Random, index: int, *, facts: int = 3,
+                  filler: int = 6) -> tuple[str, list[RecallQuestion]]:
     keys = rng.sample(KEYS, facts)
     values = {k: str(rng.randint(10, 999)) for k in keys}
     text = f"Record {index}. " + " ".join(f"The code of {k} is {values[k]}." for k in keys) + " "

@@ -40,7 +40,8 @@ def run_quickstart(opts: QuickstartOptions) -> None:
     from .corpus import write_corpus
 
     out = opts.out.resolve()
-    inputs = [str(Path(i).resolve()) for i in opts.inputs] or [str(write_corpus(out / "corpus" / "train.jsonl", opts.documents))]
+    inputs = ([str(Path(i).resolve()) for i in opts.inputs]
+              or [str(write_corpus(out / "corpus" / "train.jsonl", opts.documents))])
     _say(f"corpus: {', '.join(inputs)}")
     tokenizer = train_tokenizer(TokenizerOptions(inputs=inputs, vocab_size=512, out=str(out / "tokenizer.model"),
                                                  model_type="bpe", text_field="text", txt_blocks=False))

@@ -20,7 +20,8 @@ def load_pretrained_weights(engine, source: str | None, layout: dict) -> None:
     checkpoint = path if (path / MARKER).is_file() else latest_checkpoint(path)
     if checkpoint is None:
         raise ValueError(f"train.init_from: {source} is neither an HF folder nor holds a committed checkpoint")
-    if read_marker(checkpoint)["layout"]["tp"] != layout["tp"] or read_marker(checkpoint)["layout"]["pp"] != layout["pp"]:
+    saved = read_marker(checkpoint)["layout"]
+    if saved["tp"] != layout["tp"] or saved["pp"] != layout["pp"]:
         raise ValueError(f"train.init_from: {checkpoint} has another tensor/pipeline layout than this run; export "
                          "it to an HF folder first (ratplus export-hf) and start from that")
     engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name, load_module_only=True,

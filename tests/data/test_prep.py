@@ -45,7 +45,8 @@ def _write_all_formats(root, docs: list[str]) -> list[tuple[str, list[tuple[str,
         (root / "c" / f"e{i}.txt").write_bytes(d.encode())
     # blocks: single-line documents separated by blank lines (one of them whitespace-only)
     blocks = [d.replace("\r", "").replace("\n", " ").strip() for d in parts[5]]
-    (root / "c" / "f.txt").write_bytes("\n\n".join(blocks[:15]).encode() + b"\n \n\n" + "\n\n".join(blocks[15:]).encode())
+    text = "\n\n".join(blocks[:15]).encode() + b"\n \n\n" + "\n\n".join(blocks[15:]).encode()
+    (root / "c" / "f.txt").write_bytes(text)
     return [("a.jsonl", [(f"a.jsonl:{i}", d) for i, d in enumerate(parts[0])]),
             ("b.jsonl.zst", [(f"b.jsonl.zst:{i}", d) for i, d in enumerate(parts[1])]),
             ("c.parquet", [(f"c.parquet:{i}", d) for i, d in enumerate(parts[2])]),

@@ -22,8 +22,9 @@ def _prepare(root, corpus, documents_per_line: bool, tokenizer_corpus=None):
     from ratplus_mega.data_prep.to_mds import PrepOptions, prep_shards
     from ratplus_mega.data_prep.train_tokenizer import TokenizerOptions, train_tokenizer
 
-    tokenizer = train_tokenizer(TokenizerOptions(inputs=[str(tokenizer_corpus or corpus)], vocab_size=512, out=str(root / "tok.model"),
-                                                 model_type="bpe", text_field="text", txt_blocks=False))
+    tokenizer = train_tokenizer(TokenizerOptions(inputs=[str(tokenizer_corpus or corpus)], vocab_size=512,
+                                                 out=str(root / "tok.model"), model_type="bpe", text_field="text",
+                                                 txt_blocks=False))
     prep_shards(PrepOptions(inputs=[str(corpus)], tokenizer=str(tokenizer), out=str(root / "shards"), seq_len=128,
                             text_field="text", val_fraction=0.05 if documents_per_line else 0.0, seed=0, workers=1,
                             strict=False, txt_blocks=False))
