@@ -22,11 +22,11 @@ import triton.language as tl
 from .fwd import CHUNK, affine_combine, affine_combine_pair, load_f32, load_gate, row, scan_configs
 
 
-@triton.autotune(configs=scan_configs(), key=["C", "NUM_X", "GATE_LOGITS"])
+@triton.autotune(configs=scan_configs(), key=["BH", "C", "NUM_X", "GATE_LOGITS"])
 @triton.jit
 def gated_scan_bwd_kernel(
     g, x, v, hc, do, dov, dht, dg, dx, dv, dh0,
-    T, H, C, NT,
+    T, H, BH, C, NT,
     stride_g_b, stride_g_h, stride_g_t,
     stride_x_b, stride_x_h, stride_x_t,
     stride_v_b, stride_v_h, stride_v_t,
@@ -35,7 +35,6 @@ def gated_scan_bwd_kernel(
 ):
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
-    n_bh = tl.num_programs(1).to(tl.int64)
     i_bh64 = i_bh.to(tl.int64)
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < C
@@ -51,7 +50,7 @@ def gated_scan_bwd_kernel(
         b_lam = tl.load(dht + i_bh * C + o_c, mask=m_c, other=0).to(tl.float32)
         b_lamv = tl.zeros([BC], dtype=tl.float32)
         if NUM_X == 2:
-            b_lamv = tl.load(dht + (n_bh + i_bh) * C + o_c, mask=m_c, other=0).to(tl.float32)
+            b_lamv = tl.load(dht + (BH + i_bh64) * C + o_c, mask=m_c, other=0).to(tl.float32)
     else:
         b_lam = tl.zeros([BC], dtype=tl.float32)
         b_lamv = tl.zeros([BC], dtype=tl.float32)
@@ -89,7 +88,7 @@ def gated_scan_bwd_kernel(
         tl.store(dx + (i_bh64 * T + t0) * C + off_o, ((1 - b_f) * b_lx).to(dx.dtype.element_ty), mask=m)
         b_lam = row(b_lx, o_r, 0)
         if NUM_X == 2:
-            b_hcv = tl.load(hc + ((n_bh + i_bh64) * NT + i_t) * C + o_c, mask=m_c, other=0)
+            b_hcv = tl.load(hc + ((BH + i_bh64) * NT + i_t) * C + o_c, mask=m_c, other=0)
             b_lv = b_al * b_lamv[None, :] + b_lv
             b_df += (b_ap * b_hcv[None, :] + b_hv - b_v) * b_lv
             tl.store(dv + (i_bh64 * T + t0) * C + off_o, ((1 - b_f) * b_lv).to(dv.dtype.element_ty), mask=m)
@@ -101,7 +100,7 @@ def gated_scan_bwd_kernel(
         b_f0 = load_gate(p_g0 + o_c, m_c, GATE_LOGITS)
         tl.store(dh0 + i_bh * C + o_c, b_f0 * b_lam, mask=m_c)
         if NUM_X == 2:
-            tl.store(dh0 + (n_bh + i_bh) * C + o_c, b_f0 * b_lamv, mask=m_c)
+            tl.store(dh0 + (BH + i_bh64) * C + o_c, b_f0 * b_lamv, mask=m_c)
 
 
 def scan_bwd(gate, xs, checkpoints, grad_outs, grad_final, need_initial_grad: bool, gate_logits: bool):
@@ -120,7 +119,7 @@ def scan_bwd(gate, xs, checkpoints, grad_outs, grad_final, need_initial_grad: bo
     gated_scan_bwd_kernel[grid](
         gate, xs[0], x2, checkpoints, grad_outs[0], gy2, dht, dgate, dxs[0], dx2,
         dh0 if dh0 is not None else checkpoints,
-        T, H, C, nt,
+        T, H, B * H, C, nt,
         *gate.stride()[:3], *xs[0].stride()[:3], *x2.stride()[:3],
         NUM_X=nx, USE_DHT=grad_final is not None, USE_DH0=need_initial_grad, GATE_LOGITS=gate_logits, BT=CHUNK,
     )

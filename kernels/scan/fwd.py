@@ -68,11 +68,11 @@ def row(b_x, o_r, r):
     return tl.sum(tl.where(o_r[:, None] == r, b_x, 0.0), 0)
 
 
-@triton.autotune(configs=scan_configs(), key=["C", "NUM_X", "GATE_LOGITS"])
+@triton.autotune(configs=scan_configs(), key=["BH", "C", "NUM_X", "GATE_LOGITS"])
 @triton.jit
 def gated_scan_fwd_kernel(
     g, x, v, h0, o, ov, ht, hc,
-    T, H, C, NT,
+    T, H, BH, C, NT,
     stride_g_b, stride_g_h, stride_g_t,
     stride_x_b, stride_x_h, stride_x_t,
     stride_v_b, stride_v_h, stride_v_t,
@@ -80,7 +80,9 @@ def gated_scan_fwd_kernel(
 ):
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
-    n_bh = tl.num_programs(1).to(tl.int64)
+    i_bh64 = i_bh.to(tl.int64)
+    # BH = B·H: the second sequence's state rows follow the first's. It is also an autotune key: the best
+    # channel block depends on how many programs the grid has.
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < C
     o_r = tl.arange(0, BT)
@@ -89,8 +91,8 @@ def gated_scan_fwd_kernel(
     p_g = g + i_b * stride_g_b + i_h * stride_g_h
     p_x = x + i_b * stride_x_b + i_h * stride_x_h
     p_v = v + i_b * stride_v_b + i_h * stride_v_h
-    p_o = o + i_bh.to(tl.int64) * T * C
-    p_ov = ov + i_bh.to(tl.int64) * T * C
+    p_o = o + i_bh64 * T * C
+    p_ov = ov + i_bh64 * T * C
     off_g = o_r[:, None] * stride_g_t + o_c[None, :]
     off_x = o_r[:, None] * stride_x_t + o_c[None, :]
     off_v = o_r[:, None] * stride_v_t + o_c[None, :]
@@ -98,16 +100,16 @@ def gated_scan_fwd_kernel(
     if USE_H0:
         b_h = tl.load(h0 + i_bh * C + o_c, mask=m_c, other=0).to(tl.float32)
         if NUM_X == 2:
-            b_hv = tl.load(h0 + (n_bh + i_bh) * C + o_c, mask=m_c, other=0).to(tl.float32)
+            b_hv = tl.load(h0 + (BH + i_bh64) * C + o_c, mask=m_c, other=0).to(tl.float32)
         else:
             b_hv = tl.zeros([BC], dtype=tl.float32)
     else:
         b_h = tl.zeros([BC], dtype=tl.float32)
         b_hv = tl.zeros([BC], dtype=tl.float32)
     for i_t in range(0, NT):
-        tl.store(hc + (i_bh.to(tl.int64) * NT + i_t) * C + o_c, b_h, mask=m_c)
+        tl.store(hc + (i_bh64 * NT + i_t) * C + o_c, b_h, mask=m_c)
         if NUM_X == 2:
-            tl.store(hc + ((n_bh + i_bh) * NT + i_t) * C + o_c, b_hv, mask=m_c)
+            tl.store(hc + ((BH + i_bh64) * NT + i_t) * C + o_c, b_hv, mask=m_c)
         # Steps past T are identity maps (f = 1, x = 0): the carry passes through and nothing is stored.
         m = ((i_t * BT + o_r) < T)[:, None] & m_c[None, :]
         b_f = load_gate(p_g + off_g, m, GATE_LOGITS)
@@ -130,7 +132,7 @@ def gated_scan_fwd_kernel(
         p_ov += BT * C
     tl.store(ht + i_bh * C + o_c, b_h, mask=m_c)
     if NUM_X == 2:
-        tl.store(ht + (n_bh + i_bh) * C + o_c, b_hv, mask=m_c)
+        tl.store(ht + (BH + i_bh64) * C + o_c, b_hv, mask=m_c)
 
 
 def scan_fwd(gate: torch.Tensor, xs: list[torch.Tensor], initial_state: torch.Tensor | None, gate_logits: bool):
@@ -151,7 +153,7 @@ def scan_fwd(gate: torch.Tensor, xs: list[torch.Tensor], initial_state: torch.Te
     grid = lambda meta: (triton.cdiv(C, meta["BC"]), B * H)  # noqa: E731
     gated_scan_fwd_kernel[grid](
         gate, xs[0], x2, h0, outs[0], out2, final, checkpoints,
-        T, H, C, nt,
+        T, H, B * H, C, nt,
         *gate.stride()[:3], *xs[0].stride()[:3], *x2.stride()[:3],
         NUM_X=nx, USE_H0=initial_state is not None, GATE_LOGITS=gate_logits, BT=CHUNK,
     )

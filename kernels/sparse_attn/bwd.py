@@ -21,6 +21,7 @@ import triton.language as tl
 from .fwd import (
     INTERPRET,
     LOG2E,
+    TUNING_KEY,
     allowed_mask,
     attention_configs,
     configs_for_precision,
@@ -77,7 +78,7 @@ def _dkdv_step(b_k, b_v, b_dk, b_dv, o_kpos, m_k, i0, p_q, p_do, p_lse, p_delta,
     return b_dk, b_dv
 
 
-@triton.autotune(configs=attention_configs(bwd=True), key=["BLOCK_D", "GATHERED", "PRECISION"],
+@triton.autotune(configs=attention_configs(bwd=True), key=TUNING_KEY,
                  prune_configs_by={"early_config_prune": configs_for_precision})
 @triton.jit
 def sparse_attn_bwd_far_kernel(
@@ -124,7 +125,7 @@ def sparse_attn_bwd_far_kernel(
     tl.store(dv_far + p_out, b_dv, mask=m_out)
 
 
-@triton.autotune(configs=attention_configs(bwd=True), key=["BLOCK_D", "HAS_FAR", "GATHERED", "PRECISION"],
+@triton.autotune(configs=attention_configs(bwd=True), key=TUNING_KEY + ["HAS_FAR"],
                  prune_configs_by={"early_config_prune": configs_for_precision})
 @triton.jit
 def sparse_attn_bwd_window_kernel(
@@ -198,7 +199,7 @@ def _dq_step(b_q, b_do, b_lse, b_delta, b_dq, p_k, p_v, o_n, o_kpos, m_n, o_qpos
     return b_dq + tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
 
 
-@triton.autotune(configs=attention_configs(bwd=True), key=["BLOCK_D", "HAS_GRID", "GATHERED", "PRECISION"],
+@triton.autotune(configs=attention_configs(bwd=True), key=TUNING_KEY,
                  prune_configs_by={"early_config_prune": configs_for_precision})
 @triton.jit
 def sparse_attn_bwd_dq_kernel(

@@ -43,6 +43,11 @@ def attention_configs(*, bwd: bool = False) -> list[triton.Config]:
     return tiles + [IEEE_CONFIG]
 
 
+# Autotuning keys: the head dim, the precision, the key mode and the pattern (D, W), which decides how the work
+# falls into tiles. Not the sequence length: inference would retune at every new prompt length.
+TUNING_KEY = ["BLOCK_D", "D", "W", "GATHERED", "PRECISION"]
+
+
 def configs_for_precision(configs, named_args, **kwargs) -> list[triton.Config]:
     """Autotuner pruning: the IEEE tile for fp32, the tensor-core tiles otherwise."""
     if kwargs["PRECISION"] == "ieee":
@@ -115,7 +120,7 @@ def gathered_block_plan(key_end, window_start, far_end, i_first, i_last):
     return tl.load(far_end + i_first), tl.load(window_start + i_first), tl.load(key_end + i_last)
 
 
-@triton.autotune(configs=attention_configs(), key=["BLOCK_D", "HAS_GRID", "GATHERED", "PRECISION"],
+@triton.autotune(configs=attention_configs(), key=TUNING_KEY,
                  prune_configs_by={"early_config_prune": configs_for_precision})
 @triton.jit
 def sparse_attn_fwd_kernel(
