@@ -86,7 +86,7 @@ def scan_traffic(n: int, gate_bytes: int) -> int:
     return n * (gate_bytes + 2 * 2 + 2 * 2) + n * (gate_bytes + 2 * 2 + 2 * 2 + gate_bytes + 2 * 2)
 
 
-def scan_rows(shapes, copy_bw) -> list[list[str]]:
+def scan_rows(shapes, copy_bw, table) -> None:
     from torch._higher_order_ops.associative_scan import associative_scan
 
     from ratplus_mega.hf.modeling_ratplus import gated_scan
@@ -105,7 +105,6 @@ def scan_rows(shapes, copy_bw) -> list[list[str]]:
         h, _ = gated_scan(gate, torch.stack([k, v]))
         return h[0], h[1]
 
-    rows = []
     for batch, time in shapes:
         shape = (batch, HEADS, time, HEAD_DIM)
         gate = torch.sigmoid(torch.randn(shape, device="cuda")).requires_grad_()
@@ -126,12 +125,11 @@ def scan_rows(shapes, copy_bw) -> list[list[str]]:
                                  ("triton gated_scan_kv, bf16 logits", fused_logits, scan_traffic(n, 2)),
                                  ("torch fallback", ref, 0), ("compiled assoc. scan", comp, 0)]:
             triton_row = name.startswith("triton")
-            rows.append([case, name, _fmt(ms), _ratio(ms, ref), _ratio(ms, comp),
-                         _fmt_bw(nbytes, ms, copy_bw) if triton_row else "",
-                         scan_goal(nbytes, ms, copy_bw) if triton_row else ""])
+            table.add([case, name, _fmt(ms), _ratio(ms, ref), _ratio(ms, comp),
+                       _fmt_bw(nbytes, ms, copy_bw) if triton_row else "",
+                       scan_goal(nbytes, ms, copy_bw) if triton_row else ""])
         del gate, logits, k, v, dk, dv, leaves, logit_leaves
         torch.cuda.empty_cache()
-    return rows
 
 
 def allowed_pairs(time: int, dilation: int, window: int, sinks: int) -> int:
@@ -196,12 +194,11 @@ def flex_merge_fn(time: int, pattern):
     return run
 
 
-def attention_rows(shapes, copy_bw) -> list[list[str]]:
+def attention_rows(shapes, copy_bw, table) -> None:
     import torch.nn.functional as F
 
     from ratplus_mega.kernels import sparse_attention
 
-    rows = []
     for batch, time in shapes:
         shape = (batch, HEADS, time, HEAD_DIM)
         q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
@@ -211,8 +208,8 @@ def attention_rows(shapes, copy_bw) -> list[list[str]]:
                                [do]), leaves)
         dense_pairs = allowed_pairs(time, 1, 0, 0)
         dense_flops = 3.5 * 4 * HEAD_DIM * batch * HEADS * dense_pairs
-        rows.append([f"attn B{batch}-T{time} dense", "SDPA causal", _fmt(sdpa), "1.00", "",
-                     _fmt_tflops(dense_flops, sdpa), ""])
+        table.add([f"attn B{batch}-T{time} dense", "SDPA causal", _fmt(sdpa), "1.00", "",
+                   _fmt_tflops(dense_flops, sdpa), ""])
         nbytes = 12 * q.numel() * q.element_size()  # q, k, v, out and their gradients, each once
         for pattern in PATTERNS:
             pairs = allowed_pairs(time, *pattern)
@@ -223,14 +220,13 @@ def attention_rows(shapes, copy_bw) -> list[list[str]]:
                 flex = time_ms(fwd_bwd(flex_merge_fn(time, pattern), leaves, [do]), leaves)
             except Exception as exc:  # block-mask construction itself may fail on an older torch
                 flex = f"failed: {type(exc).__name__}"
-            rows.append([case, "triton sparse_attention", _fmt(fused), _ratio(fused, sdpa), _ratio(fused, flex),
-                         _fmt_tflops(flops, fused), attention_goal(fused, sdpa, flex, pairs, dense_pairs, nbytes,
-                                                                   copy_bw)])
-            rows.append([case, "flex two-call merge", _fmt(flex), _ratio(flex, sdpa), "1.00",
-                         _fmt_tflops(flops, flex), ""])
+            table.add([case, "triton sparse_attention", _fmt(fused), _ratio(fused, sdpa), _ratio(fused, flex),
+                       _fmt_tflops(flops, fused), attention_goal(fused, sdpa, flex, pairs, dense_pairs, nbytes,
+                                                                 copy_bw)])
+            table.add([case, "flex two-call merge", _fmt(flex), _ratio(flex, sdpa), "1.00",
+                       _fmt_tflops(flops, flex), ""])
         del q, k, v, do, leaves
         torch.cuda.empty_cache()
-    return rows
 
 
 def _fmt(ms) -> str:
@@ -256,15 +252,27 @@ def _fmt_tflops(flops: float, ms) -> str:
     return f"{flops / (ms * 1e-3) / 1e12:.0f} TFLOP/s" if isinstance(ms, float) else ""
 
 
-def print_table(rows: list[list[str]]) -> None:
-    header = ["case", "implementation", "fwd+bwd ms", "× torch fallback / SDPA", "× compiled scan / flex",
+class Table:
+    """Rows are printed as they are measured, so a run cut short still reports them; ``show`` prints them all
+    again, aligned."""
+
+    HEADER = ["case", "implementation", "fwd+bwd ms", "× torch fallback / SDPA", "× compiled scan / flex",
               "throughput", "goal"]
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    print(line(header))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        print(line(r))
+
+    def __init__(self) -> None:
+        self.rows: list[list[str]] = []
+
+    def add(self, row: list[str]) -> None:
+        self.rows.append(row)
+        print("row: " + " | ".join(str(c) for c in row), flush=True)
+
+    def show(self) -> None:
+        widths = [max(len(str(r[i])) for r in self.rows + [self.HEADER]) for i in range(len(self.HEADER))]
+        line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+        print(line(self.HEADER))
+        print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+        for r in self.rows:
+            print(line(r))
 
 
 def main() -> None:
@@ -284,12 +292,12 @@ def main() -> None:
     print(f"device: {props.name} ({props.total_memory / 2**30:.0f} GiB), torch {torch.__version__}, "
           f"triton {triton.__version__}, CUDA {torch.version.cuda}, commit {git_commit()}")
     print(f"measured device-to-device copy bandwidth: {copy_bw / 1e9:.0f} GB/s")
-    rows = []
+    table = Table()
     if not args.skip_scan:
-        rows += scan_rows(shapes, copy_bw)
+        scan_rows(shapes, copy_bw, table)
     if not args.skip_attention:
-        rows += attention_rows(shapes, copy_bw)
-    print_table(rows)
+        attention_rows(shapes, copy_bw, table)
+    table.show()
 
 
 if __name__ == "__main__":

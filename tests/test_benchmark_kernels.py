@@ -50,3 +50,15 @@ def test_attention_goal_is_the_larger_of_scaled_dense_time_and_memory_floor(benc
     assert bench.attention_goal(1.4 * floor_ms, 2.0, 5.0, sparse, dense, nbytes, copy_bw).startswith("met")
     assert bench.attention_goal(1.4 * floor_ms, 2.0, 0.01, sparse, dense, nbytes, copy_bw).endswith("beats flex: NO")
     assert bench.attention_goal("OOM", 2.0, 5.0, sparse, dense, nbytes, copy_bw) == "n/a"
+
+
+def test_table_prints_each_row_when_measured_then_all_aligned(bench, capsys):
+    table = bench.Table()
+    table.add(["scan B4-T4096", "triton gated_scan_kv", "0.250", "0.10", "0.50", "2500 GB/s = 80% of copy", "met"])
+    assert "row: scan B4-T4096 | triton gated_scan_kv | 0.250" in capsys.readouterr().out
+    table.add(["attn B1-T16384 D64-W256-P4", "flex two-call merge", "failed: RuntimeError", "n/a", "1.00", "", ""])
+    table.show()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 + 2 + 2  # the second row as measured, then header, rule and both rows aligned
+    assert len({len(line) for line in lines[1:]}) == 1 and lines[1].startswith("| case")
+    assert "failed: RuntimeError" in lines[-1]
