@@ -69,13 +69,13 @@ def gated_scan_bwd_kernel(
         b_fn = load_gate(p_g + off_g + stride_g_t, m_next, GATE_LOGITS)
         b_x = load_f32(p_x + off_x, m)
         b_xp = load_f32(p_x + off_x - stride_x_t, m_prev)
-        p_do = do + (i_bh64 * T + t0) * C
-        b_gam = load_f32(p_do + off_o, m)
+        o_y = (i_bh64 * T + t0) * C  # the chunk in the contiguous (B·H, T, C) gradients
+        b_gam = load_f32(do + o_y + off_o, m)
         b_hc = tl.load(hc + (i_bh64 * NT + i_t) * C + o_c, mask=m_c, other=0)
         if NUM_X == 2:
             b_v = load_f32(p_v + off_v, m)
             b_vp = load_f32(p_v + off_v - stride_v_t, m_prev)
-            b_gamv = load_f32(dov + (i_bh64 * T + t0) * C + off_o, m)
+            b_gamv = load_f32(dov + o_y + off_o, m)
             b_ap, b_hx, b_hv = tl.associative_scan((b_fp, (1 - b_fp) * b_xp, (1 - b_fp) * b_vp), 0,
                                                    affine_combine_pair)
             b_al, b_lx, b_lv = tl.associative_scan((b_fn, b_gam, b_gamv), 0, affine_combine_pair, reverse=True)
@@ -85,17 +85,17 @@ def gated_scan_bwd_kernel(
         # Λ_t from Λ of the next chunk's first step; ∂f_t = (h_{t-1} - x_t)·Λ_t with h_{t-1} from the carry.
         b_lx = b_al * b_lam[None, :] + b_lx
         b_df = (b_ap * b_hc[None, :] + b_hx - b_x) * b_lx
-        tl.store(dx + (i_bh64 * T + t0) * C + off_o, ((1 - b_f) * b_lx).to(dx.dtype.element_ty), mask=m)
+        tl.store(dx + o_y + off_o, ((1 - b_f) * b_lx).to(dx.dtype.element_ty), mask=m)
         b_lam = row(b_lx, o_r, 0)
         if NUM_X == 2:
             b_hcv = tl.load(hc + ((BH + i_bh64) * NT + i_t) * C + o_c, mask=m_c, other=0)
             b_lv = b_al * b_lamv[None, :] + b_lv
             b_df += (b_ap * b_hcv[None, :] + b_hv - b_v) * b_lv
-            tl.store(dv + (i_bh64 * T + t0) * C + off_o, ((1 - b_f) * b_lv).to(dv.dtype.element_ty), mask=m)
+            tl.store(dv + o_y + off_o, ((1 - b_f) * b_lv).to(dv.dtype.element_ty), mask=m)
             b_lamv = row(b_lv, o_r, 0)
         if GATE_LOGITS:
             b_df = b_df * b_f * (1 - b_f)
-        tl.store(dg + (i_bh64 * T + t0) * C + off_o, b_df.to(dg.dtype.element_ty), mask=m)
+        tl.store(dg + o_y + off_o, b_df.to(dg.dtype.element_ty), mask=m)
     if USE_DH0:
         b_f0 = load_gate(p_g0 + o_c, m_c, GATE_LOGITS)
         tl.store(dh0 + i_bh * C + o_c, b_f0 * b_lam, mask=m_c)
