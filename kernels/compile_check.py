@@ -41,6 +41,7 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from .scan import bwd as scan_bwd_module  # noqa: E402
 from .scan import fwd as scan_fwd_module  # noqa: E402
+from .scan import segments as scan_segments_module  # noqa: E402
 from .sparse_attn import bwd as attn_bwd_module  # noqa: E402
 from .sparse_attn import fwd as attn_fwd_module  # noqa: E402
 from .sparse_attn.gathered import plan_gathered_keys  # noqa: E402
@@ -48,7 +49,7 @@ from .sparse_attn.op import Pattern  # noqa: E402
 
 # Largest dynamic shared memory one block may use, per compute capability (CUDA programming guide).
 SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
-KERNEL_MODULES = (scan_fwd_module, scan_bwd_module, attn_fwd_module, attn_bwd_module)
+KERNEL_MODULES = (scan_fwd_module, scan_bwd_module, scan_segments_module, attn_fwd_module, attn_bwd_module)
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,18 @@ def record_launches(drive) -> list[tuple[str, object, tuple, dict]]:
 
 def drive_scan() -> None:
     """The scan ops' launch variants: one sequence (fp32, bf16 with an initial state) and the layer's k/v pair
-    (bf16 with an fp32 gate, and with a bf16 gate pre-activation read through projection strides)."""
+    (bf16 with an fp32 gate, and with a bf16 gate pre-activation read through projection strides), each as one
+    walk over time and split into segments (summary, carry pass, rescan)."""
+    plan = scan_segments_module.plan_segments
+    try:
+        for segments in (1, 2):
+            scan_segments_module.plan_segments = lambda *args, _n=segments: _n
+            _drive_scan_variants()
+    finally:
+        scan_segments_module.plan_segments = plan
+
+
+def _drive_scan_variants() -> None:
     B, H, T, C = 2, 4, 256, 128
     fwd, bwd = scan_fwd_module.scan_fwd, scan_bwd_module.scan_bwd
     for dtype, gate_dtype, nx, logits, strided, h0 in [

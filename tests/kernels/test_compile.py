@@ -15,8 +15,9 @@ import sys
 import pytest
 
 KERNELS = [
-    "gated_scan_fwd_kernel", "gated_scan_bwd_kernel", "sparse_attn_fwd_kernel", "attn_bwd_preprocess_kernel",
-    "sparse_attn_bwd_far_kernel", "sparse_attn_bwd_window_kernel", "sparse_attn_bwd_dq_kernel",
+    "gated_scan_fwd_kernel", "gated_scan_bwd_kernel", "segment_carry_kernel", "sparse_attn_fwd_kernel",
+    "attn_bwd_preprocess_kernel", "sparse_attn_bwd_far_kernel", "sparse_attn_bwd_window_kernel",
+    "sparse_attn_bwd_dq_kernel",
 ]
 
 
@@ -38,6 +39,10 @@ def test_every_kernel_variant_compiles_for_sm90():
     attention = [line for line in report.splitlines() if line.startswith("sparse_attn_fwd_kernel")]
     for needle in ("PRECISION=ieee", "PRECISION=None", "GATHERED=True", "GATHERED=False", "HAS_GRID=False"):
         assert any(needle in line for line in attention), f"no forward variant with {needle}:\n{report}"
+    # The scan as one walk and split into segments (the summary pass), forward and backward.
+    for kernel in ("gated_scan_fwd_kernel", "gated_scan_bwd_kernel"):
+        for needle in ("SUMMARY=True", "SUMMARY=False"):
+            assert any(line.startswith(kernel) and needle in line for line in lines), f"{kernel} {needle}:\n{report}"
     # Every row carries registers, stack and shared bytes read back from the compiled kernel.
     assert all(re.search(r" \d+ +\d+ +\d+  \d+\.\ds", line) for line in lines), report
 

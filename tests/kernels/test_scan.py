@@ -6,6 +6,8 @@ partial last chunk; C = 20 leaves a partial channel block.
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -176,14 +178,54 @@ def test_gated_scan_rejects_bad_inputs(kernels, device):
         kernels.gated_scan(torch.rand(1, 1, 8, 4, device=device), x.double())
 
 
+
+@pytest.mark.parametrize("segments", [1, 2, 5], ids=["one-walk", "2-segments", "5-segments"])
+def test_time_segments_match_the_references(kernels, compare, nan_poison, device, monkeypatch, segments):
+    """Time split into segments scanned in parallel (forced here; the plan splits only shapes with few programs,
+    on a GPU): segment summaries, the carry pass and the rescan reproduce the values and gradients, forward and
+    backward. T = 70 is 5 chunks (segments of 3 + 2, or 1 each), T = 37 is 3. One walk is forced too, since on a
+    GPU the small cases would otherwise always split."""
+    module = importlib.import_module("ratplus_mega.kernels.scan.segments")
+    monkeypatch.setattr(module, "plan_segments", lambda *args: segments)
+    carry_passes = []
+    carries = module.segment_carries
+    monkeypatch.setattr(module, "segment_carries", lambda *a, **kw: carry_passes.append(kw) or carries(*a, **kw))
+    test_gated_scan_matches_reference(kernels, compare, nan_poison, device, (1, 2, 70, 20, torch.float32, True))
+    test_gated_scan_matches_reference(kernels, compare, nan_poison, device, (2, 1, 37, 16, torch.bfloat16, False))
+    test_gated_scan_kv_from_logits_matches_step_loop(kernels, compare, nan_poison, device,
+                                                     (1, 2, 70, 16, torch.float32, True))
+    assert [kw["reverse"] for kw in carry_passes] == ([False, True] * 3 if segments > 1 else [])
+
+
+def test_segment_plan(kernels, monkeypatch):
+    """One walk while batch·heads × 32-channel blocks give an H100's 132 SMs a program each; else enough
+    segments for about 4 programs per SM, never empty ones; never on CPU."""
+    module = importlib.import_module("ratplus_mega.kernels.scan.segments")
+    monkeypatch.setattr(module, "_sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    assert module.plan_segments(64, 128, 64, cuda) == 1  # B4-H16-T4096: 256 programs
+    assert module.plan_segments(16, 128, 256, cuda) == 9  # B1-H16-T16384: 64 programs -> 528 / 64
+    assert module.plan_segments(1, 16, 3, cuda) == 3  # never more segments than chunks
+    assert module.plan_segments(1, 16, 3, torch.device("cpu")) == 1
+    assert module.segment_layout(5, 2) == (2, 3)
+    assert module.segment_layout(256, 9) == (9, 29)
+    assert module.segment_layout(3, 7) == (3, 1)
+    assert module.segment_layout(7, 4) == (4, 2)  # 2 + 2 + 2 + 1
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("one_walk", [False, True], ids=["planned", "one-walk"])
 @pytest.mark.parametrize("with_h0", [False, True], ids=["zero-state", "h0"])
 @pytest.mark.parametrize("gate_logits", [False, True], ids=["gate", "logits"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_gated_scan_kv_full_size(kernels, compare, with_h0, gate_logits, dtype):
+def test_gated_scan_kv_full_size(kernels, compare, monkeypatch, with_h0, gate_logits, dtype, one_walk):
     """The 1.5B layer's shape: B2-H16-T4096-K128, keys and values in bf16 (as trained) or fp32 (at fp32
-    tolerances), an fp32 gate or the pre-activation in the keys' dtype."""
+    tolerances), an fp32 gate or the pre-activation in the keys' dtype; time split as planned for this GPU
+    (128 programs: split on a 132-SM H100) or forced into one walk."""
+    if one_walk:
+        monkeypatch.setattr(importlib.import_module("ratplus_mega.kernels.scan.segments"), "plan_segments",
+                            lambda *args: 1)
     b, h, t, kd = 2, 16, 4096, 128
     g = torch.Generator().manual_seed(0)
     gate = make_gate((b, h, t, kd), g).cuda()
