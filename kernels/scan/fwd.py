@@ -8,7 +8,8 @@ products of gates in (0, 1) appear, no exp/log, so gates arbitrarily close to 0 
 carry entering each chunk is written to a small fp32 checkpoint buffer (1/BT of the states) from which the
 backward recomputes the states (kernels/scan/README.md). With ``NUM_X = 2`` one gate tile drives two
 sequences (the layer's keys and values). With ``GATE_LOGITS`` the gate input is the pre-activation g and
-f = sigmoid(g) is taken in fp32 on load, so the layer never materialises the fp32 gate.
+f = sigmoid(g) is taken in fp32 on load, so the layer never materialises the fp32 gate. Shapes with too few
+(batch·head, channel block) programs for the GPU also split time into segments (segments.py).
 """
 
 from __future__ import annotations
