@@ -183,17 +183,19 @@ def test_gated_scan_rejects_bad_inputs(kernels, device):
 def test_time_segments_match_the_references(kernels, compare, nan_poison, device, monkeypatch, segments):
     """Time split into segments scanned in parallel (forced here; the plan splits only shapes with few programs,
     on a GPU): segment summaries, the carry pass and the rescan reproduce the values and gradients, forward and
-    backward. T = 70 is 5 chunks (segments of 3 + 2, or 1 each), T = 37 is 3. One walk is forced too, since on a
-    GPU the small cases would otherwise always split."""
+    backward. 4 chunks + 6 steps is 5 chunks (segments of 3 + 2, or 1 each), 2 chunks + 5 steps is 3 (T = 70 and
+    37 under the interpreter). One walk is forced too, since on a GPU the small cases would otherwise split."""
     module = importlib.import_module("ratplus_mega.kernels.scan.segments")
+    chunk = importlib.import_module("ratplus_mega.kernels.scan.fwd").CHUNK
     monkeypatch.setattr(module, "plan_segments", lambda *args: segments)
     carry_passes = []
     carries = module.segment_carries
     monkeypatch.setattr(module, "segment_carries", lambda *a, **kw: carry_passes.append(kw) or carries(*a, **kw))
-    test_gated_scan_matches_reference(kernels, compare, nan_poison, device, (1, 2, 70, 20, torch.float32, True))
-    test_gated_scan_matches_reference(kernels, compare, nan_poison, device, (2, 1, 37, 16, torch.bfloat16, False))
+    long, short = 4 * chunk + 6, 2 * chunk + 5
+    test_gated_scan_matches_reference(kernels, compare, nan_poison, device, (1, 2, long, 20, torch.float32, True))
+    test_gated_scan_matches_reference(kernels, compare, nan_poison, device, (2, 1, short, 16, torch.bfloat16, False))
     test_gated_scan_kv_from_logits_matches_step_loop(kernels, compare, nan_poison, device,
-                                                     (1, 2, 70, 16, torch.float32, True))
+                                                     (1, 2, long, 16, torch.float32, True))
     assert [kw["reverse"] for kw in carry_passes] == ([False, True] * 3 if segments > 1 else [])
 
 
