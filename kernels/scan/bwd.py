@@ -128,7 +128,7 @@ def gated_scan_bwd_kernel(
 def scan_bwd(gate, xs, checkpoints, grad_outs, grad_final, need_initial_grad: bool, gate_logits: bool):
     """Gradients of gate (its dtype, contiguous; of the pre-activation with ``gate_logits``), of each x (its
     dtype) and, when asked, of the initial state ((len(xs), B, H, C) fp32); time split into parallel segments
-    when ``plan_segments`` says."""
+    as ``segments.run_scan`` plans."""
     B, H, T, C = xs[0].shape
     nx = len(xs)
     nt = checkpoints.shape[2]
@@ -138,25 +138,18 @@ def scan_bwd(gate, xs, checkpoints, grad_outs, grad_final, need_initial_grad: bo
     dh0 = torch.empty((nx, B, H, C), dtype=torch.float32, device=gate.device) if need_initial_grad else None
     x2, gy2, dx2 = (xs[1], grad_outs[1], dxs[1]) if nx == 2 else (xs[0], grad_outs[0], dxs[0])
     grad_final = grad_final.contiguous() if grad_final is not None else None
-    nseg, seg = segments.segment_layout(nt, segments.plan_segments(B * H, C, nt, gate.device))
 
-    def launch(dht, summary_a, summary_b, summary: bool):
+    def launch(dht, summary_a, summary_b, summary: bool, nseg: int, seg: int):
         grid = lambda meta: (triton.cdiv(C, meta["BC"]), B * H, nseg)  # noqa: E731
         gated_scan_bwd_kernel[grid](
             gate, xs[0], x2, checkpoints, grad_outs[0], gy2, dht if dht is not None else checkpoints,
-            dgate, dxs[0], dx2, dh0 if dh0 is not None else checkpoints, summary_a, summary_b,
+            dgate, dxs[0], dx2, dh0 if dh0 is not None else checkpoints,
+            summary_a if summary else checkpoints, summary_b if summary else checkpoints,
             T, H, B * H, C, nt, nseg, seg,
             *gate.stride()[:3], *xs[0].stride()[:3], *x2.stride()[:3],
             NUM_X=nx, USE_DHT=dht is not None, USE_DH0=need_initial_grad and not summary, GATE_LOGITS=gate_logits,
             SUMMARY=summary, BT=CHUNK,
         )
 
-    if nseg == 1:
-        launch(grad_final, checkpoints, checkpoints, False)
-    else:
-        summary_a = torch.empty((B * H, nseg, C), dtype=torch.float32, device=gate.device)
-        summary_b = torch.empty((nx, B * H, nseg, C), dtype=torch.float32, device=gate.device)
-        launch(None, summary_a, summary_b, True)
-        launch(segments.segment_carries(summary_a, summary_b, grad_final, reverse=True), checkpoints, checkpoints,
-               False)
+    segments.run_scan(launch, grad_final, nx, B * H, C, nt, gate.device, reverse=True)
     return dgate, dxs, dh0

@@ -162,7 +162,7 @@ def gated_scan_fwd_kernel(
 
 def scan_fwd(gate: torch.Tensor, xs: list[torch.Tensor], initial_state: torch.Tensor | None, gate_logits: bool):
     """Run the forward kernel for one or two sequences ``xs`` (each (B, H, T, C)) sharing ``gate`` (f itself,
-    or its pre-activation with ``gate_logits``); time split into parallel segments when ``plan_segments`` says.
+    or its pre-activation with ``gate_logits``); time split into parallel segments as ``segments.run_scan`` plans.
 
     Returns the outputs (input dtype, contiguous), the final state (len(xs), B, H, C) fp32 and the fp32
     checkpoints (len(xs), B·H, NT, C): the carry entering each chunk, which backward recomputes from.
@@ -174,23 +174,16 @@ def scan_fwd(gate: torch.Tensor, xs: list[torch.Tensor], initial_state: torch.Te
     final = torch.empty((nx, B, H, C), dtype=torch.float32, device=gate.device)
     checkpoints = torch.empty((nx, B * H, nt, C), dtype=torch.float32, device=gate.device)
     x2, out2 = (xs[1], outs[1]) if nx == 2 else (xs[0], outs[0])
-    nseg, seg = segments.segment_layout(nt, segments.plan_segments(B * H, C, nt, gate.device))
 
-    def launch(h0, summary_a, summary_b, summary: bool):
+    def launch(h0, summary_a, summary_b, summary: bool, nseg: int, seg: int):
         grid = lambda meta: (triton.cdiv(C, meta["BC"]), B * H, nseg)  # noqa: E731
         gated_scan_fwd_kernel[grid](
             gate, xs[0], x2, h0 if h0 is not None else final, outs[0], out2, final, checkpoints,
-            summary_a, summary_b,
+            summary_a if summary else final, summary_b if summary else final,
             T, H, B * H, C, nt, nseg, seg,
             *gate.stride()[:3], *xs[0].stride()[:3], *x2.stride()[:3],
             NUM_X=nx, USE_H0=h0 is not None, GATE_LOGITS=gate_logits, SUMMARY=summary, BT=CHUNK,
         )
 
-    if nseg == 1:
-        launch(initial_state, final, final, False)
-    else:
-        summary_a = torch.empty((B * H, nseg, C), dtype=torch.float32, device=gate.device)
-        summary_b = torch.empty((nx, B * H, nseg, C), dtype=torch.float32, device=gate.device)
-        launch(None, summary_a, summary_b, True)
-        launch(segments.segment_carries(summary_a, summary_b, initial_state, reverse=False), final, final, False)
+    segments.run_scan(launch, initial_state, nx, B * H, C, nt, gate.device, reverse=False)
     return outs, final, checkpoints

@@ -10,6 +10,7 @@ the same three steps in reverse time, for Λ.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import triton
@@ -80,3 +81,21 @@ def segment_carries(summary_a: torch.Tensor, summary_b: torch.Tensor, init: torc
         NUM_X=nx, USE_INIT=init is not None, REVERSE=reverse, BC=block,
     )
     return carries
+
+
+def run_scan(launch: Callable, init: torch.Tensor | None, nx: int, bh: int, channels: int, chunks: int,
+             device: torch.device, *, reverse: bool) -> None:
+    """Runs a scan kernel as planned: one walk from ``init``, or the summary pass, the carry pass and the rescan.
+
+    ``launch(carries, summary_a, summary_b, summary, nseg, seg)`` launches the kernel over ``nseg`` segments of
+    ``seg`` chunks: from ``carries`` ((nx, bh, nseg, C), None for zeros), or, with ``summary``, from zero writing the
+    segment maps into ``summary_a`` (bh, nseg, C) and ``summary_b`` (nx, bh, nseg, C) (None when not summarising).
+    """
+    nseg, seg = segment_layout(chunks, plan_segments(bh, channels, chunks, device))
+    if nseg == 1:
+        launch(init, None, None, False, nseg, seg)
+        return
+    summary_a = torch.empty((bh, nseg, channels), dtype=torch.float32, device=device)
+    summary_b = torch.empty((nx, bh, nseg, channels), dtype=torch.float32, device=device)
+    launch(None, summary_a, summary_b, True, nseg, seg)
+    launch(segment_carries(summary_a, summary_b, init, reverse=reverse), None, None, False, nseg, seg)
