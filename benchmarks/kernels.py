@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+DEVICE = "cuda"
 HEADS, HEAD_DIM = 16, 128
 SCAN_GOAL = 0.70  # share of copy bandwidth
 ATTENTION_EFFICIENCY = 0.6  # of dense SDPA's time per allowed pair
@@ -45,6 +46,11 @@ def git_commit() -> str:
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def compiled(fn):
+    """The baselines run through torch.compile, as the public code runs them."""
+    return torch.compile(fn)
 
 
 def time_ms(fn, grad_to_none) -> float | str:
@@ -75,7 +81,7 @@ def copy_bandwidth() -> float:
     """Bytes per second of a 1 GiB device-to-device copy (read + write)."""
     import triton.testing
 
-    src = torch.empty(1 << 28, dtype=torch.float32, device="cuda")
+    src = torch.empty(1 << 28, dtype=torch.float32, device=DEVICE)
     dst = torch.empty_like(src)
     ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=50, return_mode="median")
     return 2 * src.numel() * 4 / (ms * 1e-3)
@@ -86,20 +92,25 @@ def scan_traffic(n: int, gate_bytes: int) -> int:
     return n * (gate_bytes + 2 * 2 + 2 * 2) + n * (gate_bytes + 2 * 2 + 2 * 2 + gate_bytes + 2 * 2)
 
 
-def scan_rows(shapes, copy_bw, table) -> None:
+def _affine_combine(left, right):
+    return right[0] * left[0], right[0] * left[1] + right[1]
+
+
+def official_scan(gate, k, v):
+    """The public code's scan: a generic associative scan in fp32 over [k | v] with the gate duplicated;
+    returns the scanned [k̃ | ṽ] in the input dtype. Timed compiled, as the public code runs it."""
     from torch._higher_order_ops.associative_scan import associative_scan
 
+    f = torch.cat([gate, gate], dim=-1)
+    kv = torch.cat([k, v], dim=-1).float()
+    return associative_scan(_affine_combine, (f, (1 - f) * kv), dim=2)[1].to(k.dtype)
+
+
+def scan_rows(shapes, copy_bw, table) -> None:
     from ratplus_mega.hf.modeling_ratplus import gated_scan
     from ratplus_mega.kernels import gated_scan_kv
 
-    def combine(left, right):
-        return right[0] * left[0], right[0] * left[1] + right[1]
-
-    @torch.compile
-    def official(gate, k, v):
-        f = torch.cat([gate, gate], dim=-1)
-        kv = torch.cat([k, v], dim=-1).float()
-        return associative_scan(combine, (f, (1 - f) * kv), dim=2)[1].to(k.dtype)
+    official = compiled(official_scan)
 
     def fallback(gate, k, v):
         h, _ = gated_scan(gate, torch.stack([k, v]))
@@ -107,13 +118,13 @@ def scan_rows(shapes, copy_bw, table) -> None:
 
     for batch, time in shapes:
         shape = (batch, HEADS, time, HEAD_DIM)
-        gate = torch.sigmoid(torch.randn(shape, device="cuda")).requires_grad_()
-        k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(2))
-        dk, dv = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        gate = torch.sigmoid(torch.randn(shape, device=DEVICE)).requires_grad_()
+        k, v = (torch.randn(shape, device=DEVICE, dtype=torch.bfloat16).requires_grad_() for _ in range(2))
+        dk, dv = (torch.randn(shape, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
         leaves = [gate, k, v]
         fused = time_ms(fwd_bwd(lambda g, a, b: gated_scan_kv(g, a, b)[:2], leaves, [dk, dv]), leaves)
         # The layer's call: bf16 pre-activation, sigmoid in the kernel.
-        logits = torch.randn(shape, device="cuda", dtype=torch.bfloat16).requires_grad_()
+        logits = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16).requires_grad_()
         logit_leaves = [logits, k, v]
         fused_logits = time_ms(fwd_bwd(lambda g, a, b: gated_scan_kv(g, a, b, gate_logits=True)[:2], logit_leaves,
                                        [dk, dv]), logit_leaves)
@@ -179,9 +190,9 @@ def flex_merge_fn(time: int, pattern):
     def local_mask(b, h, qi, ki):
         return (ki <= qi) & ((qi - ki <= window) | (ki < sinks))
 
-    grid_bm = create_block_mask(grid_mask, None, None, time, n_grid, device="cuda")
-    local_bm = create_block_mask(local_mask, None, None, time, time, device="cuda")
-    flex = torch.compile(flex_attention)
+    grid_bm = create_block_mask(grid_mask, None, None, time, n_grid, device=DEVICE)
+    local_bm = create_block_mask(local_mask, None, None, time, time, device=DEVICE)
+    flex = compiled(flex_attention)
 
     def run(q, k, v):
         o1, l1 = flex(q, k[:, :, start::dilation], v[:, :, start::dilation], block_mask=grid_bm, return_lse=True)
@@ -201,8 +212,8 @@ def attention_rows(shapes, copy_bw, table) -> None:
 
     for batch, time in shapes:
         shape = (batch, HEADS, time, HEAD_DIM)
-        q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
-        do = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+        q, k, v = (torch.randn(shape, device=DEVICE, dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+        do = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16)
         leaves = [q, k, v]
         sdpa = time_ms(fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True), leaves,
                                [do]), leaves)

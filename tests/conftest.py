@@ -6,7 +6,9 @@ this file is not importable as a module).
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 # Set before anything imports the reference model or transformers: the oracle must be pure torch, and a
 # test must never try to download a tokenizer or model.
@@ -111,3 +113,13 @@ def single_rank():
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+@pytest.fixture(scope="session")
+def bench():
+    """``benchmarks/kernels.py`` as a module (the benchmarks are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
+    spec = importlib.util.spec_from_file_location("benchmark_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,26 +1,15 @@
-"""The pure arithmetic of ``benchmarks/kernels.py``: its allowed-pair count and its attention goal.
+"""What ``benchmarks/kernels.py`` rests on, checked on any machine: its allowed-pair count, its goal arithmetic
+and its baselines (each computes the function the fused kernel computes, or the timings compare nothing).
 
-The benchmark itself needs a GPU; these are the numbers its goal column rests on, checked on any machine.
+The timings themselves need a GPU; tests/kernels/test_benchmark_rows.py runs the script's rows end to end.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-from pathlib import Path
 
 import pytest
 import torch
-
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("benchmark_kernels", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def explicit_mask(t: int, d: int, w: int, p: int) -> torch.Tensor:
@@ -62,3 +51,33 @@ def test_table_prints_each_row_when_measured_then_all_aligned(bench, capsys):
     assert len(lines) == 1 + 2 + 2  # the second row as measured, then header, rule and both rows aligned
     assert len({len(line) for line in lines[1:]}) == 1 and lines[1].startswith("| case")
     assert "failed: RuntimeError" in lines[-1]
+
+
+def test_official_scan_baseline_computes_the_recurrence(bench):
+    """The compiled-scan baseline (run eagerly here) is the recurrence over [k | v], against a step loop."""
+    torch.manual_seed(0)
+    gate = torch.rand(1, 2, 37, 8, dtype=torch.float64).float()
+    k, v = torch.randn(2, 1, 2, 37, 8)
+    expected, h = [], torch.zeros(1, 2, 16, dtype=torch.float64)
+    f, kv = torch.cat([gate, gate], -1).double(), torch.cat([k, v], -1).double()
+    for t in range(37):
+        h = f[:, :, t] * h + (1 - f[:, :, t]) * kv[:, :, t]
+        expected.append(h)
+    torch.testing.assert_close(bench.official_scan(gate, k, v), torch.stack(expected, 2).float(), atol=1e-5,
+                               rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("pattern", [(1, 0, 4), (3, 5, 4), (16, 0, 4), (16, 20, 4), (4, 0, 0), (64, 10, 4)])
+def test_flex_two_call_baseline_computes_the_pattern(bench, monkeypatch, pattern):
+    """The flex baseline (run eagerly here) is attention under the spec's mask: timing it against the fused
+    kernel compares the same function. T = 70 leaves the grid's length off flex's block size, and the first
+    rows have no grid key (the grid call's LSE is -inf there)."""
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "compiled", lambda fn: fn)
+    torch.manual_seed(0)
+    t, dim = 70, 16
+    q, k, v = torch.randn(3, 1, 2, t, dim)
+    scores = (q @ k.transpose(-1, -2)) * dim**-0.5
+    expected = scores.masked_fill(~explicit_mask(t, *pattern), float("-inf")).softmax(-1) @ v
+    torch.testing.assert_close(bench.flex_merge_fn(t, pattern)(q, k, v), expected, atol=1e-5, rtol=1e-5)
