@@ -6,6 +6,8 @@ through Triton's own argument specialisation to PTX and a cubin (Triton's bundle
 configs, and ptxas's verbose log gives its registers and spills. This catches what the
 interpreter cannot: lowering errors, register spills, and tiles that need more shared memory than the
 architecture has (the autotuner skips those at run time; a variant none of whose configs fits is an error).
+The PTX also shows whether the dots became tensor-core instructions and whether tiles are read in 16-byte
+vectors (columns ``mma``, ``ld16``, ``ld<4``; tests/kernels/test_compile.py holds the kernels to that).
 
     python -m ratplus_mega.kernels.compile_check --arch 90                # the largest config of each variant
     python -m ratplus_mega.kernels.compile_check --arch 90 --all-configs  # every autotune config
@@ -29,23 +31,20 @@ from dataclasses import dataclass, field
 from importlib import import_module
 from multiprocessing import get_context
 
-if os.environ.get("TRITON_INTERPRET", "0") == "1":
-    sys.exit("compile_check: unset TRITON_INTERPRET (the kernels are decorated for the interpreter under it)")
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import create_function_from_signature
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource, make_backend  # noqa: E402
-from triton.runtime.autotuner import Autotuner  # noqa: E402
-from triton.runtime.jit import create_function_from_signature  # noqa: E402
-
-from .scan import bwd as scan_bwd_module  # noqa: E402
-from .scan import fwd as scan_fwd_module  # noqa: E402
-from .scan import segments as scan_segments_module  # noqa: E402
-from .sparse_attn import bwd as attn_bwd_module  # noqa: E402
-from .sparse_attn import fwd as attn_fwd_module  # noqa: E402
-from .sparse_attn.gathered import plan_gathered_keys  # noqa: E402
-from .sparse_attn.op import Pattern  # noqa: E402
+from .scan import bwd as scan_bwd_module
+from .scan import fwd as scan_fwd_module
+from .scan import segments as scan_segments_module
+from .sparse_attn import bwd as attn_bwd_module
+from .sparse_attn import fwd as attn_fwd_module
+from .sparse_attn.gathered import plan_gathered_keys
+from .sparse_attn.op import Pattern
 
 # Largest dynamic shared memory one block may use, per compute capability (CUDA programming guide).
 SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
@@ -72,7 +71,7 @@ class CompileResult:
     job: CompileJob
     seconds: float
     error: str | None = None
-    usage: dict = field(default_factory=dict)  # REG, STACK, SPILL_* from ptxas; SHARED from Triton
+    usage: dict = field(default_factory=dict)  # REG, STACK, SPILL_* from ptxas; MMA, LD* from the PTX; SHARED
 
 
 def kernel_objects() -> dict[str, object]:
@@ -224,6 +223,7 @@ def compile_job(job: CompileJob) -> CompileResult:
     except Exception as error:  # a lowering failure is the finding: report it and go on
         return CompileResult(job, time.perf_counter() - start, error=f"{type(error).__name__}: {error}")
     usage = ptxas_usage(log.getvalue())
+    usage.update(ptx_instructions(compiled.asm["ptx"]))
     usage["SHARED"] = compiled.metadata.shared
     return CompileResult(job, time.perf_counter() - start, usage=usage)
 
@@ -241,13 +241,30 @@ def ptxas_usage(log: str) -> dict:
     return usage
 
 
+def ptx_instructions(ptx: str) -> dict:
+    """What the PTX says about speed: the tensor-core instruction its dots became (``wgmma`` on sm_90, ``mma``
+    before, ``-`` when none: an fp32 ``ieee`` dot runs on the FMA units), and its reads of global memory
+    (``ld.global``, or ``cp.async`` into shared memory): how many move 16 bytes per thread (vectorised tiles)
+    and how many under 4 bytes (a bf16 tile read element by element, e.g. after a stride lost its
+    divisibility by 16)."""
+    mma = "wgmma" if "wgmma.mma_async" in ptx else "mma" if re.search(r"\bmma\.sync", ptx) else "-"
+    width = []
+    for op in re.findall(r"\bld\.global\S*", ptx):  # e.g. ld.global.L1::evict_last.v4.b32
+        vec, bits = re.search(r"\.v(\d)\.", op), re.search(r"\.[bfsu](\d+)$", op)
+        width.append(int(vec.group(1) if vec else 1) * int(bits.group(1)) // 8)
+    # cp.async.cg.shared.global [dst], [src], 0x10, ...: the third operand is the byte count.
+    width += [int(size, 0) for size in re.findall(r"\bcp\.async\.c[ag]\.shared\.global[^,]*,[^,]*, (\w+)", ptx)]
+    return {"MMA": mma, "LD16": sum(w == 16 for w in width), "LD_NARROW": sum(w < 4 for w in width)}
+
+
 def report(results: list[CompileResult], arch: int, all_configs: bool) -> int:
     """Print the table; return the number of failures."""
     limit = SHARED_LIMIT.get(arch)
     wk = max([len(r.job.kernel) for r in results] + [6])
     wv = max([len(r.job.variant) for r in results] + [7])
     wc = max([len(r.job.config) for r in results] + [6])
-    header = f"{'kernel':<{wk}}  {'variant':<{wv}}  {'config':<{wc}}  {'regs':>4} {'stack':>5} {'shared':>7}  note"
+    header = (f"{'kernel':<{wk}}  {'variant':<{wv}}  {'config':<{wc}}  {'regs':>4} {'stack':>5} {'shared':>7}  "
+              f"{'mma':<5} {'ld16':>4} {'ld<4':>4}  note")
     print(header)
     print("-" * len(header))
     fits: dict[tuple[str, str], bool] = {}
@@ -257,7 +274,7 @@ def report(results: list[CompileResult], arch: int, all_configs: bool) -> int:
         row = f"{j.kernel:<{wk}}  {j.variant:<{wv}}  {j.config:<{wc}}"
         if r.error is not None:
             failures += 1
-            print(f"{row}  {'':>4} {'':>5} {'':>7}  FAILED {r.error}")
+            print(f"{row}  {'':>4} {'':>5} {'':>7}  {'':<5} {'':>4} {'':>4}  FAILED {r.error}")
             continue
         u = r.usage
         too_big = limit is not None and u["SHARED"] > limit
@@ -267,7 +284,8 @@ def report(results: list[CompileResult], arch: int, all_configs: bool) -> int:
             notes.append(f"spills {u['SPILL_STORES']} B")
         if too_big:
             notes.append(f"shared > {limit} (skipped at run time)")
-        print(f"{row}  {u['REG']:>4} {u['STACK']:>5} {u['SHARED']:>7}  {' '.join(notes)}")
+        print(f"{row}  {u['REG']:>4} {u['STACK']:>5} {u['SHARED']:>7}  {u['MMA']:<5} {u['LD16']:>4} "
+              f"{u['LD_NARROW']:>4}  {' '.join(notes)}")
     if all_configs:
         for (kernel, variant), ok in fits.items():
             if not ok:
@@ -283,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiler processes")
     parser.add_argument("--only", default="", help="compile only the kernels whose name contains this")
     args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("compile_check: unset TRITON_INTERPRET (the kernels are decorated for the interpreter under it)",
+              file=sys.stderr)
+        return 1
     jobs = build_jobs(args.arch, args.all_configs, args.only)
     if not jobs:
         print(f"compile_check: no kernel name contains {args.only!r}", file=sys.stderr)
