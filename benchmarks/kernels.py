@@ -178,7 +178,7 @@ def attention_goal(fused, sdpa, flex, pairs: int, dense_pairs: int, nbytes: int,
 
 def flex_merge_fn(time: int, pattern):
     """The official two-call evaluation: grid keys (gathered) and local/sink keys, merged by their LSEs."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
 
     dilation, window, sinks = pattern
     start = sinks + (dilation - 1 - sinks) % dilation
@@ -195,8 +195,10 @@ def flex_merge_fn(time: int, pattern):
     flex = compiled(flex_attention)
 
     def run(q, k, v):
-        o1, l1 = flex(q, k[:, :, start::dilation], v[:, :, start::dilation], block_mask=grid_bm, return_lse=True)
-        o2, l2 = flex(q, k, v, block_mask=local_bm, return_lse=True)
+        lse = AuxRequest(lse=True)
+        o1, aux1 = flex(q, k[:, :, start::dilation], v[:, :, start::dilation], block_mask=grid_bm, return_aux=lse)
+        o2, aux2 = flex(q, k, v, block_mask=local_bm, return_aux=lse)
+        l1, l2 = aux1.lse, aux2.lse
         m = torch.maximum(l1, l2)
         w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)
         total = w1 + w2
