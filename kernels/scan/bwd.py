@@ -119,7 +119,7 @@ def gated_scan_bwd_kernel(
             tl.store(sb + ((BH + i_bh64) * NSEG + i_s) * C + o_c, b_lamv, mask=m_c)
     elif USE_DH0:
         if i_s == 0:
-            b_f0 = load_gate(p_g0 + o_c, m_c, GATE_LOGITS)
+            b_f0 = load_gate(p_g0 + o_c, m_c & (T > 0), GATE_LOGITS)  # T = 0: dh0 is dht itself
             tl.store(dh0 + i_bh64 * C + o_c, b_f0 * b_lam, mask=m_c)
             if NUM_X == 2:
                 tl.store(dh0 + (BH + i_bh64) * C + o_c, b_f0 * b_lamv, mask=m_c)

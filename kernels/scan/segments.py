@@ -40,7 +40,10 @@ def plan_segments(bh: int, channels: int, chunks: int, device: torch.device) -> 
 
 
 def segment_layout(chunks: int, segments: int) -> tuple[int, int]:
-    """(segments, chunks per segment) with no empty segment."""
+    """(segments, chunks per segment) with no empty segment; an empty sequence is one segment of no chunks (the
+    kernels then pass the initial state, or its gradient, straight through)."""
+    if chunks == 0:
+        return 1, 0
     per_segment = triton.cdiv(chunks, max(1, min(segments, chunks)))
     return triton.cdiv(chunks, per_segment), per_segment
 

@@ -78,6 +78,9 @@ def gated_scan(
         step *= 2
     if initial_state is not None:
         b = b + a * initial_state.float().unsqueeze(-2)
+    if b.shape[-2] == 0:  # no steps: the state passes through
+        state = b.new_zeros(b.shape[:-2] + b.shape[-1:])
+        return b.to(x.dtype), state if initial_state is None else state + initial_state.float()
     return b.to(x.dtype), b[..., -1, :]
 
 

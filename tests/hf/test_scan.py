@@ -88,3 +88,17 @@ def test_state_continues_across_chunks(assert_close):
     h2, s2 = gated_scan(gate[:, 20:], x[:, 20:], s1)
     assert_close("h", torch.cat([h1, h2], dim=1), ref_h, FP32_VALUES)
     assert_close("final_state", s2, ref_h[:, -1], FP32_VALUES)
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "init-state"])
+def test_empty_sequence_passes_the_state_through(with_state):
+    """T = 0: no outputs, the final state is the initial one (zeros without one) and takes its gradient."""
+    gate, x, state = make_inputs((2, 2, 3, 0, 6), (2, 3, 0, 6), with_state, seed=5)
+    state = state.requires_grad_() if with_state else None
+    h, final = gated_scan(gate, x, state)
+    assert h.shape == (2, 2, 3, 0, 6) and final.shape == (2, 2, 3, 6)
+    assert torch.equal(final, state if with_state else torch.zeros(2, 2, 3, 6))
+    if with_state:
+        weight = torch.randn(final.shape)
+        (grad,) = torch.autograd.grad((final * weight).sum(), state)
+        assert torch.equal(grad, weight)

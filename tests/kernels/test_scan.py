@@ -179,6 +179,26 @@ def test_gated_scan_rejects_bad_inputs(kernels, device):
 
 
 
+@pytest.mark.parametrize("with_h0", [False, True], ids=["zero-state", "h0"])
+def test_empty_sequence_passes_the_state_through(kernels, device, with_h0):
+    """T = 0 (an empty prefill chunk): no outputs, the final state is the initial one and its gradient flows
+    back unchanged; the gate and inputs get empty gradients."""
+    g = torch.Generator().manual_seed(5)
+    gate = torch.rand((2, 3, 0, 20), generator=g).to(device).requires_grad_()
+    k, v = (torch.randn((2, 3, 0, 20), generator=g).to(device).requires_grad_() for _ in range(2))
+    h0 = torch.randn((2, 2, 3, 20), generator=g).to(device).requires_grad_() if with_h0 else None
+    weight = torch.randn((2, 2, 3, 20), generator=g).to(device)
+    k_out, v_out, final = kernels.gated_scan_kv(gate, k, v, h0)
+    assert k_out.shape == v_out.shape == (2, 3, 0, 20)
+    assert torch.equal(final, h0 if with_h0 else torch.zeros_like(weight))
+    h, final_one = kernels.gated_scan(gate, k, h0[0] if with_h0 else None)
+    assert h.shape == (2, 3, 0, 20) and torch.equal(final_one, final[0])
+    if with_h0:
+        grad_gate, grad_k, grad_h0 = torch.autograd.grad((final * weight).sum(), (gate, k, h0))
+        assert grad_gate.shape == grad_k.shape == (2, 3, 0, 20)
+        assert torch.equal(grad_h0, weight)
+
+
 @pytest.mark.parametrize("segments", [1, 2, 5], ids=["one-walk", "2-segments", "5-segments"])
 def test_time_segments_match_the_references(kernels, compare, nan_poison, device, monkeypatch, segments):
     """Time split into segments scanned in parallel (forced here; the plan splits only shapes with few programs,
@@ -213,6 +233,7 @@ def test_segment_plan(kernels, monkeypatch):
     assert module.segment_layout(256, 9) == (9, 29)
     assert module.segment_layout(3, 7) == (3, 1)
     assert module.segment_layout(7, 4) == (4, 2)  # 2 + 2 + 2 + 1
+    assert module.segment_layout(0, module.plan_segments(16, 128, 0, cuda)) == (1, 0)  # T = 0: one empty walk
 
 
 @pytest.mark.gpu
