@@ -53,7 +53,8 @@ def gated_scan(gate: torch.Tensor, x: torch.Tensor, initial_state: torch.Tensor 
         initial_state: (B, H, C) state before step 0, or None for zeros.
     Returns:
         ``h`` (B, H, T, C) in ``x.dtype`` and the final state (B, H, C) in float32. The state and all
-        arithmetic are float32. Differentiable in gate, x and initial_state.
+        arithmetic are float32. Differentiable in gate, x and initial_state. T may be 0: the final state is
+        then the initial one (zeros without it).
     Raises:
         ValueError: on mismatched shapes, unsupported dtypes or CPU tensors outside the interpreter.
     """
