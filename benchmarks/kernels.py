@@ -193,11 +193,12 @@ def flex_merge_fn(time: int, pattern):
     grid_bm = create_block_mask(grid_mask, None, None, time, n_grid, device=DEVICE)
     local_bm = create_block_mask(local_mask, None, None, time, time, device=DEVICE)
     flex = compiled(flex_attention)
+    with_lse = AuxRequest(lse=True)
 
     def run(q, k, v):
-        lse = AuxRequest(lse=True)
-        o1, aux1 = flex(q, k[:, :, start::dilation], v[:, :, start::dilation], block_mask=grid_bm, return_aux=lse)
-        o2, aux2 = flex(q, k, v, block_mask=local_bm, return_aux=lse)
+        o1, aux1 = flex(q, k[:, :, start::dilation], v[:, :, start::dilation], block_mask=grid_bm,
+                        return_aux=with_lse)
+        o2, aux2 = flex(q, k, v, block_mask=local_bm, return_aux=with_lse)
         l1, l2 = aux1.lse, aux2.lse
         m = torch.maximum(l1, l2)
         w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)

@@ -36,6 +36,18 @@ def _assert_close(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float) -
         f"{name}: max abs err {err:.3e}, relative to scale {scale:.3e}: {err / scale:.3e} > {tol:.1e}")
 
 
+def _loop_scan(gate: torch.Tensor, x: torch.Tensor, initial_state: torch.Tensor | None):
+    """h_t = gate_t * h_{t-1} + (1 - gate_t) * x_t, one step at a time in fp64 (the oracle); gate broadcasts
+    against x. Returns h (..., T, C) and the final state (..., C), both fp64."""
+    gate, x = torch.broadcast_tensors(gate.double(), x.double())
+    h = torch.zeros_like(x[..., 0, :]) if initial_state is None else initial_state.double().expand_as(x[..., 0, :])
+    out = []
+    for t in range(x.shape[-2]):
+        h = gate[..., t, :] * h + (1 - gate[..., t, :]) * x[..., t, :]
+        out.append(h)
+    return torch.stack(out, dim=-2), h
+
+
 def _tiny_config(**overrides):
     """A small :class:`RatPlusConfig` (2 layers, d 32, 2 heads of 16) for fast CPU tests."""
     from ratplus_mega.hf import RatPlusConfig
@@ -72,6 +84,12 @@ def assert_close():
     """``assert_close(name, got, ref, tol)``: DESIGN.md tolerances are 1e-5 for fp32 values and 1e-4 for fp32
     gradients, relative to the reference's scale; 2e-2 for bf16."""
     return _assert_close
+
+
+@pytest.fixture(scope="session")
+def loop_scan():
+    """``loop_scan(gate, x, initial_state) -> (h, final)``: the gated recurrence step by step in fp64."""
+    return _loop_scan
 
 
 @pytest.fixture(scope="session")

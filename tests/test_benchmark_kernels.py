@@ -53,18 +53,13 @@ def test_table_prints_each_row_when_measured_then_all_aligned(bench, capsys):
     assert "failed: RuntimeError" in lines[-1]
 
 
-def test_official_scan_baseline_computes_the_recurrence(bench):
+def test_official_scan_baseline_computes_the_recurrence(bench, loop_scan):
     """The compiled-scan baseline (run eagerly here) is the recurrence over [k | v], against a step loop."""
     torch.manual_seed(0)
     gate = torch.rand(1, 2, 37, 8, dtype=torch.float64).float()
     k, v = torch.randn(2, 1, 2, 37, 8)
-    expected, h = [], torch.zeros(1, 2, 16, dtype=torch.float64)
-    f, kv = torch.cat([gate, gate], -1).double(), torch.cat([k, v], -1).double()
-    for t in range(37):
-        h = f[:, :, t] * h + (1 - f[:, :, t]) * kv[:, :, t]
-        expected.append(h)
-    torch.testing.assert_close(bench.official_scan(gate, k, v), torch.stack(expected, 2).float(), atol=1e-5,
-                               rtol=1e-5)
+    expected, _ = loop_scan(torch.cat([gate, gate], -1), torch.cat([k, v], -1), None)
+    torch.testing.assert_close(bench.official_scan(gate, k, v), expected.float(), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

@@ -12,17 +12,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 FP32_VALUES, FP32_GRADS = 1e-5, 1e-4  # DESIGN.md, relative to the reference's scale
 
 
-def loop_scan(gate: torch.Tensor, x: torch.Tensor, initial_state: torch.Tensor | None):
-    """h_t = gate_t * h_{t-1} + (1 - gate_t) * x_t, one step at a time in fp64 (the oracle)."""
-    gate, x = torch.broadcast_tensors(gate.double(), x.double())
-    h = torch.zeros_like(x[..., 0, :]) if initial_state is None else initial_state.double().expand_as(x[..., 0, :])
-    out = []
-    for t in range(x.shape[-2]):
-        h = gate[..., t, :] * h + (1 - gate[..., t, :]) * x[..., t, :]
-        out.append(h)
-    return torch.stack(out, dim=-2), h
-
-
 def make_inputs(shape, gate_shape, with_state: bool, seed: int):
     g = torch.Generator().manual_seed(seed)
     # Gates over the whole (0, 1) range, including long memories close to 1.
@@ -49,7 +38,7 @@ def case_id(case) -> str:
 
 @pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "init-state"])
 @pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
-def test_values_and_gradients_match_loop(assert_close, case, with_state):
+def test_values_and_gradients_match_loop(assert_close, loop_scan, case, with_state):
     shape, gate_shape = case
     gate, x, state = make_inputs(shape, gate_shape, with_state, seed=len(shape) * 100 + shape[-2])
     leaves = [t.clone().requires_grad_() for t in (gate, x) + ((state,) if with_state else ())]
@@ -69,7 +58,7 @@ def test_values_and_gradients_match_loop(assert_close, case, with_state):
         assert_close(name, got, ref, FP32_GRADS)
 
 
-def test_bf16_input_gives_bf16_output_and_fp32_state(assert_close):
+def test_bf16_input_gives_bf16_output_and_fp32_state(assert_close, loop_scan):
     gate, x, state = make_inputs((2, 2, 33, 8), (2, 2, 33, 8), True, seed=3)
     h, final = gated_scan(gate, x.bfloat16(), state)
     assert h.dtype == torch.bfloat16
@@ -80,7 +69,7 @@ def test_bf16_input_gives_bf16_output_and_fp32_state(assert_close):
     assert_close("final_state", final, ref_final, FP32_VALUES)
 
 
-def test_state_continues_across_chunks(assert_close):
+def test_state_continues_across_chunks(assert_close, loop_scan):
     """Scanning [0, T1) then [T1, T) from the first chunk's final state equals one scan of [0, T)."""
     gate, x, _ = make_inputs((2, 45, 4), (2, 45, 4), False, seed=11)
     ref_h, _ = loop_scan(gate, x, None)
