@@ -84,13 +84,13 @@ def kernel_objects() -> dict[str, object]:
     return found
 
 
-def record_launches(drive) -> list[tuple[str, object, tuple, dict]]:
-    """Run ``drive()`` with every kernel's ``run`` replaced by a recorder: (name, kernel, args, kwargs)."""
+def record_launches(drive) -> list[tuple[str, object, tuple, dict, object]]:
+    """Run ``drive()`` with every kernel's ``run`` replaced by a recorder: (name, kernel, args, kwargs, grid)."""
     launches = []
     kernels = kernel_objects()
     for name, kernel in kernels.items():
         kernel.run = lambda *args, _name=name, _kernel=kernel, grid, warmup, **kwargs: launches.append(
-            (_name, _kernel, args, kwargs))
+            (_name, _kernel, args, kwargs, grid))
     try:
         drive()
     finally:
@@ -164,7 +164,7 @@ def build_jobs(arch: int, all_configs: bool, only: str = "") -> list[CompileJob]
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     jobs, seen = [], set()
-    for name, kernel, args, kwargs in record_launches(drive_scan) + record_launches(drive_attention):
+    for name, kernel, args, kwargs, _ in record_launches(drive_scan) + record_launches(drive_attention):
         if only not in name:
             continue
         fn = kernel.fn if isinstance(kernel, Autotuner) else kernel

@@ -37,7 +37,7 @@ def gated_scan_bwd_kernel(
     """A program walks chunks i_s·SEG .. backward from Λ = dht[x, bh, i_s] (NSEG = 1: the final-state gradient).
     With SUMMARY it starts from zero, computes Λ only and stores the segment's map (product of f_{t+1} into
     ``sa``, Λ at its first step into ``sb``); see segments.py."""
-    i_c, i_bh, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_bh, i_c, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     i_bh64 = i_bh.to(tl.int64)
     o_c = i_c * BC + tl.arange(0, BC)
@@ -140,7 +140,7 @@ def scan_bwd(gate, xs, checkpoints, grad_outs, grad_final, need_initial_grad: bo
     grad_final = grad_final.contiguous() if grad_final is not None else None
 
     def launch(dht, summary_a, summary_b, summary: bool, nseg: int, seg: int):
-        grid = lambda meta: (triton.cdiv(C, meta["BC"]), B * H, nseg)  # noqa: E731
+        grid = lambda meta: (B * H, triton.cdiv(C, meta["BC"]), nseg)  # noqa: E731
         gated_scan_bwd_kernel[grid](
             gate, xs[0], x2, checkpoints, grad_outs[0], gy2, dht if dht is not None else checkpoints,
             dgate, dxs[0], dx2, dh0 if dh0 is not None else checkpoints,

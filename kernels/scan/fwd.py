@@ -87,7 +87,7 @@ def gated_scan_fwd_kernel(
     """A program scans chunks i_s·SEG .. of one (batch·head, channel block) from the carry h0[x, bh, i_s]
     (NSEG = 1: the whole sequence from the initial state). With SUMMARY it starts from zero, stores nothing
     but the segment's map (gate product into ``sa``, end state into ``sb``); see segments.py."""
-    i_c, i_bh, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_bh, i_c, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     i_bh64 = i_bh.to(tl.int64)
     # BH = B·H: the second sequence's state rows follow the first's. BH and NSEG are autotune keys: the best
@@ -176,7 +176,7 @@ def scan_fwd(gate: torch.Tensor, xs: list[torch.Tensor], initial_state: torch.Te
     x2, out2 = (xs[1], outs[1]) if nx == 2 else (xs[0], outs[0])
 
     def launch(h0, summary_a, summary_b, summary: bool, nseg: int, seg: int):
-        grid = lambda meta: (triton.cdiv(C, meta["BC"]), B * H, nseg)  # noqa: E731
+        grid = lambda meta: (B * H, triton.cdiv(C, meta["BC"]), nseg)  # noqa: E731
         gated_scan_fwd_kernel[grid](
             gate, xs[0], x2, h0 if h0 is not None else final, outs[0], out2, final, checkpoints,
             summary_a if summary else final, summary_b if summary else final,

@@ -53,7 +53,7 @@ def segment_carry_kernel(sa, sb, init, carries, BH, C, NSEG, NUM_X: tl.constexpr
                          REVERSE: tl.constexpr, BC: tl.constexpr):
     """carries[x, bh, s] = the carry entering segment s (in scan order: from the left, or from the right with
     REVERSE), from the segment maps y ↦ sa[bh, s]·y + sb[x, bh, s] and the initial carry ``init[x, bh]``."""
-    i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_bh, i_c = tl.program_id(0).to(tl.int64), tl.program_id(1)
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < C
     for i_x in tl.static_range(NUM_X):
@@ -79,7 +79,7 @@ def segment_carries(summary_a: torch.Tensor, summary_b: torch.Tensor, init: torc
     nx, bh, nseg, c = summary_b.shape
     carries = torch.empty_like(summary_b)
     block = min(128, max(16, triton.next_power_of_2(c)))
-    segment_carry_kernel[(triton.cdiv(c, block), bh)](
+    segment_carry_kernel[(bh, triton.cdiv(c, block))](
         summary_a, summary_b, init if init is not None else summary_b, carries, bh, c, nseg,
         NUM_X=nx, USE_INIT=init is not None, REVERSE=reverse, BC=block,
     )

@@ -37,7 +37,8 @@ from .fwd import (
 def attn_bwd_preprocess_kernel(o, do, dlse, delta, Tq, HEAD_DIM, USE_DLSE: tl.constexpr, BLOCK_D: tl.constexpr,
                                BLOCK_M: tl.constexpr):
     """delta = rowsum(dO · O) - dLSE: with an LSE gradient, dS = P ∘ (dP - delta) still holds."""
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(2).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
     o_i = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
     m_i = o_i < Tq
@@ -90,8 +91,9 @@ def sparse_attn_bwd_far_kernel(
     GATHERED: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    i_n, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    i_n = tl.program_id(0)
+    i_h, i_b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    i_bh = i_b * H + i_h
     o_j = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_k = o_j < n_far
     j0 = i_n * BLOCK_N
@@ -137,8 +139,9 @@ def sparse_attn_bwd_window_kernel(
     HAS_FAR: tl.constexpr, GATHERED: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    i_n, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    i_n = tl.program_id(0)
+    i_h, i_b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    i_bh = i_b * H + i_h
     o_k = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_k = o_k < Tk
     if GATHERED:
@@ -212,8 +215,8 @@ def sparse_attn_bwd_dq_kernel(
     INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     i_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    i_h, i_b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    i_bh = i_b * H + i_h
     o_i = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_i = o_i < Tq
     o_qpos = q_offset + o_i
@@ -287,7 +290,7 @@ def attention_bwd(q, k, v, out, lse, grad_out, grad_lse, pattern, gathered=None)
     qk_scale = pattern.scale * LOG2E
     dilation = max(pattern.dilation, 1)
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
-    attn_bwd_preprocess_kernel[(triton.cdiv(Tq, 16), B * H)](
+    attn_bwd_preprocess_kernel[(triton.cdiv(Tq, 16), H, B)](
         out, grad_out, grad_lse.contiguous() if grad_lse is not None else lse, delta, Tq, K,
         USE_DLSE=grad_lse is not None, BLOCK_D=block_d, BLOCK_M=16,
     )
@@ -301,7 +304,7 @@ def attention_bwd(q, k, v, out, lse, grad_out, grad_lse, pattern, gathered=None)
     dv_far = torch.empty_like(dk_far)
     strides_kv = (*k.stride()[:3], *v.stride()[:3])
     if n_far > 0:
-        grid = lambda meta: (triton.cdiv(n_far, meta["BLOCK_N"]), B * H)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(n_far, meta["BLOCK_N"]), H, B)  # noqa: E731
         sparse_attn_bwd_far_kernel[grid](
             q, k, v, grad_out, lse, delta, dk_far, dv_far,
             index[0], index[4],
@@ -311,7 +314,7 @@ def attention_bwd(q, k, v, out, lse, grad_out, grad_lse, pattern, gathered=None)
         )
     dk = torch.empty((B, H, Tk, K), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, H, Tk, K), dtype=v.dtype, device=v.device)
-    grid = lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * H)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), H, B)  # noqa: E731
     sparse_attn_bwd_window_kernel[grid](
         q, k, v, grad_out, lse, delta, dk_far, dv_far, dk, dv,
         index[0], far_slot,
@@ -320,7 +323,7 @@ def attention_bwd(q, k, v, out, lse, grad_out, grad_lse, pattern, gathered=None)
         HAS_FAR=n_far > 0, GATHERED=gathered is not None, BLOCK_D=block_d, PRECISION=precision, INTERPRET=INTERPRET,
     )
     dq = torch.empty((B, H, Tq, K), dtype=q.dtype, device=q.device)
-    grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), H, B)  # noqa: E731
     sparse_attn_bwd_dq_kernel[grid](
         q, k, v, grad_out, lse, delta, dq,
         *index,

@@ -134,8 +134,8 @@ def sparse_attn_fwd_kernel(
 ):
     # Query blocks run last-first: the late ones visit the most keys and should start early.
     i_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    i_h, i_b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    i_bh = i_b * H + i_h
     o_i = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_i = o_i < Tq
     o_qpos = q_offset + o_i
@@ -210,7 +210,7 @@ def attention_fwd(q, k, v, pattern, gathered=None):
     Tk = k.shape[2]
     out = torch.empty((B, H, Tq, K), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
-    grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), H, B)  # noqa: E731
     sparse_attn_fwd_kernel[grid](
         q, k, v, out, lse,
         *index_args(gathered, q.device),

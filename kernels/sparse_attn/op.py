@@ -11,6 +11,8 @@ from .fwd import INTERPRET, attention_fwd
 from .gathered import GatheredKeys, plan_gathered_keys
 
 _DTYPES = (torch.float32, torch.bfloat16)
+# The kernels launch (tiles, heads, batch) grids, and CUDA caps a grid's second and third axes at 65535 programs.
+MAX_BATCH_OR_HEADS = 65535
 
 
 @dataclass(frozen=True)
@@ -86,10 +88,13 @@ def sparse_attention(
         out (B, H, Tq, K) in q's dtype; with ``return_lse`` also the natural-log log-sum-exp of the scaled scores
         (B, H, Tq) float32, itself differentiable. Gradients flow to q, k and v.
     Raises:
-        ValueError: on a bad pattern, too few keys, bad ``k_positions``, mismatched shapes or dtypes, or CPU
-            tensors outside the interpreter.
+        ValueError: on a bad pattern, too few keys, bad ``k_positions``, mismatched shapes or dtypes, over 65535
+            sequences or heads, or CPU tensors outside the interpreter.
     """
     q = _check("q", q, None)
+    if max(q.shape[:2]) > MAX_BATCH_OR_HEADS:
+        raise ValueError(f"sparse_attention: at most {MAX_BATCH_OR_HEADS} sequences and as many heads per call (CUDA's "
+                         f"grid limit), got B={q.shape[0]}, H={q.shape[1]}; split the batch")
     k, v = _check("k", k, q), _check("v", v, q)
     if k.shape[2] != v.shape[2]:
         raise ValueError(f"sparse_attention: k has {k.shape[2]} positions, v {v.shape[2]}")

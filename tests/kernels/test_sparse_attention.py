@@ -167,6 +167,28 @@ def test_sparse_attention_default_call(kernels, compare, device):
         compare(name, a, r, 1e-4)
 
 
+def test_sparse_attention_empty_queries_or_keys(kernels, nan_poison, device):
+    """Grids with no tile: no queries (a chunk of nothing), and a gathered key set with no keys (a rank before
+    which nothing is kept). Keys seen by no query get zero gradients; queries that see no key get a zero output,
+    an LSE of -inf and a zero gradient."""
+    q = torch.zeros((2, 3, 0, 16), device=device, requires_grad=True)
+    k, v = (torch.randn((2, 3, 9, 16), device=device, requires_grad=True) for _ in range(2))
+    with nan_poison():
+        out, lse = kernels.sparse_attention(q, k, v, 4, 2, 1, q_offset=9, return_lse=True)
+        out.sum().backward()
+    assert out.shape == (2, 3, 0, 16) and lse.shape == (2, 3, 0)
+    assert q.grad.shape == q.shape and not k.grad.any() and not v.grad.any()
+
+    q = torch.randn((2, 3, 5, 16), device=device, requires_grad=True)
+    k = torch.zeros((2, 3, 0, 16), device=device, requires_grad=True)
+    with nan_poison():
+        out, lse = kernels.sparse_attention(q, k, k, 4, 2, 1, q_offset=7, return_lse=True,
+                                            k_positions=torch.zeros(0, dtype=torch.long, device=device))
+        (out.sum() + lse.clamp(min=0).sum()).backward()  # an LSE gradient too: backward's dLSE path
+    assert not out.any() and bool((lse == float("-inf")).all())
+    assert not q.grad.any()
+
+
 def test_sparse_attention_rejects_bad_inputs(kernels, device):
     q = torch.randn(1, 1, 8, 16, device=device)
     with pytest.raises(ValueError, match="pattern"):
