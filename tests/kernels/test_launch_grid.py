@@ -30,7 +30,7 @@ def expanded(shape, dtype=torch.bfloat16):
     return torch.zeros(1, 1, *shape[2:], dtype=dtype).expand(*shape)
 
 
-def drive(kernels):
+def drive(monkeypatch):
     check = importlib.import_module("ratplus_mega.kernels.compile_check")
     attn_fwd = importlib.import_module("ratplus_mega.kernels.sparse_attn.fwd")
     attn_bwd = importlib.import_module("ratplus_mega.kernels.sparse_attn.bwd")
@@ -57,19 +57,15 @@ def drive(kernels):
         outs, final, checkpoints = scan_fwd.scan_fwd(gate, [x, v], None, False)
         scan_bwd.scan_bwd(gate, [x, v], checkpoints, [expanded(o.shape) for o in outs], None, True, False)
 
-    plan = segments.plan_segments
     launches = check.record_launches(attention)
-    try:
-        for n in (1, 2):  # one walk over time, and time split into segments (summary, carry pass, rescan)
-            segments.plan_segments = lambda *args, _n=n: _n
-            launches += check.record_launches(scan)
-    finally:
-        segments.plan_segments = plan
+    for n in (1, 2):  # one walk over time, and time split into segments (summary, carry pass, rescan)
+        monkeypatch.setattr(segments, "plan_segments", lambda *args, _n=n: _n)
+        launches += check.record_launches(scan)
     return launches
 
 
-def test_launch_grids_fit_cuda_limits_past_65535_batch_heads(kernels):
-    grids = launch_grids(drive(kernels))
+def test_launch_grids_fit_cuda_limits_past_65535_batch_heads(kernels, monkeypatch):
+    grids = launch_grids(drive(monkeypatch))
     assert {name for name, _ in grids} == {
         "sparse_attn_fwd_kernel", "attn_bwd_preprocess_kernel", "sparse_attn_bwd_far_kernel",
         "sparse_attn_bwd_window_kernel", "sparse_attn_bwd_dq_kernel", "gated_scan_fwd_kernel",

@@ -178,7 +178,6 @@ def test_gated_scan_rejects_bad_inputs(kernels, device):
         kernels.gated_scan(torch.rand(1, 1, 8, 4, device=device), x.double())
 
 
-
 @pytest.mark.parametrize("with_h0", [False, True], ids=["zero-state", "h0"])
 def test_empty_sequence_passes_the_state_through(kernels, device, with_h0):
     """T = 0 (an empty prefill chunk): no outputs, the final state is the initial one and its gradient flows
