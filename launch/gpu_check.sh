@@ -38,7 +38,7 @@ if [ "$part" != bench ]; then
     workers=()
     python3 -c "import xdist" 2>/dev/null && workers=(-n "${GPU_CHECK_WORKERS:-8}")
     echo "==> kernel tests on $(python3 -c 'import torch; print(torch.cuda.get_device_name())')"
-    python3 -m pytest tests/kernels -q -m "not slow" -p no:cacheprovider "${workers[@]}" 2>&1 \
+    python3 -m pytest tests/kernels tests/benchmarks -q -m "not slow" -p no:cacheprovider "${workers[@]}" 2>&1 \
         | tee "$out/gpu_tests.txt" || status=1
 fi
 if [ "$part" != tests ]; then

@@ -6,9 +6,9 @@ this file is not importable as a module).
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
-from pathlib import Path
+import sys
 
 # Set before anything imports the reference model or transformers: the oracle must be pure torch, and a
 # test must never try to download a tokenizer or model.
@@ -22,6 +22,8 @@ import torch  # noqa: E402
 # Triton picks interpreter or compiler when a kernel is defined: decide before any test file imports one.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _assert_close(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
@@ -133,11 +135,22 @@ def single_rank():
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
+def _fresh_kernels():
+    fwd = sys.modules.get("ratplus_mega.kernels.scan.fwd")
+    if fwd is not None and fwd.INTERPRET != (os.environ.get("TRITON_INTERPRET") == "1"):
+        for name in [n for n in sys.modules if n == "ratplus_mega.kernels" or n.startswith("ratplus_mega.kernels.")]:
+            del sys.modules[name]
+    return importlib.import_module("ratplus_mega.kernels")
+
+
 @pytest.fixture(scope="session")
-def bench():
-    """``benchmarks/kernels.py`` as a module (the benchmarks are scripts, not a package)."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
-    spec = importlib.util.spec_from_file_location("benchmark_kernels", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def kernels():
+    """The ``ratplus_mega.kernels`` module, imported after the interpreter switch (re-imported if a test file
+    imported it earlier under the other Triton mode). Used by tests/kernels/ and tests/benchmarks/."""
+    return _fresh_kernels()
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    """``"cuda"`` where a GPU is visible, else ``"cpu"`` (the kernels then run under the Triton interpreter)."""
+    return DEVICE

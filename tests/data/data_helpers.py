@@ -1,5 +1,6 @@
-"""Helpers of the data tests: a generated corpus, the documented split rule written out independently, and an
-MDS reader that shares no code with the package or with streaming's readers (it parses the shard bytes)."""
+"""Helpers of the data and data_prep tests: a generated corpus, the documented split rule written out
+independently, and an MDS reader that shares no code with the package or with streaming's readers (it parses
+the shard bytes)."""
 
 from __future__ import annotations
 

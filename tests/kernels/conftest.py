@@ -1,8 +1,9 @@
 """Kernel tests run under the Triton interpreter on CPU (TRITON_INTERPRET=1) and natively on a GPU.
 
 Triton decides between interpreter and compiler when a kernel is decorated, i.e. when the kernel modules are
-imported: the variable is set here, first, and tests reach the kernels only through the ``kernels`` fixture,
-which re-imports them if another test file imported them earlier without the interpreter.
+imported: the variable is set here (and in tests/conftest.py), first, and tests reach the kernels only through
+the ``kernels`` fixture of tests/conftest.py, which re-imports them if another test file imported them earlier
+without the interpreter.
 """
 
 from __future__ import annotations
@@ -15,31 +16,9 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import importlib  # noqa: E402
-import sys  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 
 import pytest  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _fresh_kernels():
-    fwd = sys.modules.get("ratplus_mega.kernels.scan.fwd")
-    if fwd is not None and fwd.INTERPRET != (os.environ.get("TRITON_INTERPRET") == "1"):
-        for name in [n for n in sys.modules if n == "ratplus_mega.kernels" or n.startswith("ratplus_mega.kernels.")]:
-            del sys.modules[name]
-    return importlib.import_module("ratplus_mega.kernels")
-
-
-@pytest.fixture(scope="session")
-def kernels():
-    """The ``ratplus_mega.kernels`` module, imported after the interpreter switch."""
-    return _fresh_kernels()
-
-
-@pytest.fixture(scope="session")
-def device() -> str:
-    return DEVICE
 
 
 @contextmanager

@@ -1,7 +1,7 @@
 """What ``benchmarks/kernels.py`` rests on, checked on any machine: its allowed-pair count, its goal arithmetic
 and its baselines (each computes the function the fused kernel computes, or the timings compare nothing).
 
-The timings themselves need a GPU; tests/kernels/test_benchmark_rows.py runs the script's rows end to end.
+The timings themselves need a GPU; test_kernels_rows.py runs the script's rows end to end.
 """
 
 from __future__ import annotations

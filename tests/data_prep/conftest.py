@@ -1,4 +1,4 @@
-"""Fixtures of the data tests: a small lossless tokenizer trained by ``ratplus prep tokenizer``."""
+"""Fixtures of the data_prep tests: a small lossless tokenizer trained by ``ratplus prep tokenizer``."""
 
 from __future__ import annotations
 

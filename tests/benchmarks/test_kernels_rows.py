@@ -22,6 +22,10 @@ def test_benchmark_builds_every_row(bench, kernels, device, monkeypatch):
     monkeypatch.setattr(bench, "HEAD_DIM", 16)
     monkeypatch.setattr(bench, "compiled", lambda fn: fn)  # eager: torch.compile on CPU needs a C++ toolchain
     monkeypatch.setattr(bench, "time_ms", run_once)
+    # associative_scan compiles itself even when called eagerly: after test_kernels.py has run it at another shape,
+    # dynamo would recompile with dynamic shapes, under which its backward fails ("gradients for lifted
+    # parameters"). Start from empty compile caches, as the benchmark script does.
+    torch._dynamo.reset()
     table = bench.Table()
     shapes = [(1, 140)]  # long enough for a D = 64 grid key (positions 63 and 127)
     bench.scan_rows(shapes, 1e12, table)
@@ -29,7 +33,7 @@ def test_benchmark_builds_every_row(bench, kernels, device, monkeypatch):
 
     assert len(table.rows) == 4 + 1 + 2 * len(bench.PATTERNS)
     assert all(len(row) == len(bench.Table.HEADER) for row in table.rows)
-    # torch has no flex_attention backward on CPU (its forward is checked in tests/test_benchmark_kernels.py).
+    # torch has no flex_attention backward on CPU (its forward is checked in tests/benchmarks/test_kernels.py).
     flex_time = "failed: NotImplementedError" if device == "cpu" else "1.000"
     assert all(row[2] == (flex_time if row[1].startswith("flex") else "1.000") for row in table.rows)
     triton_rows = [row for row in table.rows if row[1].startswith("triton")]
