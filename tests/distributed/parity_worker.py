@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ratplus_mega.config import load_config
 from ratplus_mega.hf import RatPlusForCausalLM
+from ratplus_mega.kernels.testing import compare
 from ratplus_mega.model import build_model
 from ratplus_mega.model.init import reference_init_state_dict
 from ratplus_mega.model.mapping import reference_config, to_reference_state_dict
@@ -37,10 +38,8 @@ LAYOUTS = {
 
 
 def check_close(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
-    """Max abs error relative to the reference's scale must be below ``tol``."""
-    err = (got.double() - ref.double()).abs().max().item() / max(ref.abs().max().item(), 1e-12)
-    if not err <= tol:
-        raise AssertionError(f"rank {dist.get_rank()}: {name}: relative error {err:.3e} > {tol:.0e}")
+    """The project's error metric (``ratplus_mega.kernels.testing.compare``), the message naming the rank."""
+    compare(f"rank {dist.get_rank()}: {name}", got, ref, tol)
 
 
 def make_batch(ctx: ParallelContext, batch_size: int, seq_len: int, vocab: int) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from ratplus_mega.config import load_config
 from ratplus_mega.hf import RatPlusForCausalLM
+from ratplus_mega.kernels.testing import compare
 from ratplus_mega.model import build_model
 from ratplus_mega.model.init import reference_init_state_dict
 from ratplus_mega.model.mapping import load_reference_state_dict, reference_config, to_reference_state_dict
@@ -20,10 +21,6 @@ def _models(overrides, seed=3):
     ref = RatPlusForCausalLM(reference_config(cfg.model)).float()
     ref.load_state_dict(reference_init_state_dict(cfg.model, seed=seed))
     return cfg, model, ref
-
-
-def _rel_err(got, ref):
-    return ((got - ref).abs().max() / ref.abs().max().clamp(min=1e-12)).item()
 
 
 CASES = {
@@ -44,15 +41,15 @@ def test_logits_loss_and_gradients_match_reference(single_rank, case, mode):
     inputs, labels = tokens[:, :-1], tokens[:, 1:].clone()
     labels[1, 5:9] = -100
     ref_logits = ref(inputs, attention_mode=mode).logits
-    assert _rel_err(model(inputs, attention_mode=mode), ref_logits) < 1e-5
+    compare("logits", model(inputs, attention_mode=mode), ref_logits, 1e-5)
     loss = model(inputs, labels, attention_mode=mode)
     ref_loss = F.cross_entropy(ref_logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
-    assert _rel_err(loss, ref_loss) < 1e-5
+    compare("loss", loss, ref_loss, 1e-5)
     loss.backward()
     ref_loss.backward()
     grads = to_reference_state_dict(model, grads=True)
     for name, param in ref.named_parameters():
-        assert _rel_err(grads[name], param.grad) < 1e-4, name
+        compare(f"grad {name}", grads[name], param.grad, 1e-4)
 
 
 def test_state_dict_mapping_round_trip(single_rank):
