@@ -6,6 +6,7 @@ Pure arithmetic: no torch. ``docs/flops.md`` explains the FLOP convention used f
 from __future__ import annotations
 
 from .config.schema import ModelConfig
+from .hf.cache_layout import cache_slots, dense_in_effect  # noqa: F401  the reference model's cache (torch-free)
 
 Pattern = tuple[int, int, int]
 DENSE: Pattern = (1, 0, 0)
@@ -57,18 +58,6 @@ def flops_per_token(m: ModelConfig, patterns: list[Pattern] | None = None, *, se
     matmul += m.vocab_size * d
     attention = sum(4 * d * attended_keys(seq_len, p) for p in patterns) / seq_len
     return int(2 * matmul + attention)
-
-
-def cache_slots(pattern: Pattern, seq_len: int) -> int:
-    """Key/value slots one layer's decode cache holds for sequences up to ``seq_len`` tokens.
-
-    Sinks, the window ring and the grid store (spec §4.2); a dense layer keeps every position. The current
-    token is attended to from registers, so there is no scratch slot: one fewer than spec §4.3's N.
-    """
-    dilation, window, sinks = pattern
-    if dilation == 1:
-        return seq_len
-    return sinks + window + (seq_len // dilation if dilation > 1 else 0)
 
 
 def cache_bytes(

@@ -45,9 +45,24 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"{name:<22}{flops:>18}{flops / dense_flops:>10.3f}{cache:>18}{cache / dense_cache:>10.3f}")
     print(f"\nFLOPs at seq {m.seq_len}, forward only (training is 3x); decode cache for one {m.seq_len}-token "
           "sequence: bf16 keys/values plus the fp32 recurrence state (docs/flops.md).")
+    _print_dense_in_effect(m, rows[1:])
     if args.check:
         _print_check(m)
     return 0
+
+
+def _print_dense_in_effect(m, rows) -> None:
+    """Name the sparse rows that see every earlier key at the model's seq_len, and so cost what dense costs."""
+    from .accounting import dense_in_effect
+
+    for name, patterns in rows:
+        layers = [i for i, p in enumerate(patterns) if p[0] != 1 and dense_in_effect(p, m.seq_len)]
+        if not layers:
+            continue
+        everywhere = all(p[0] == 1 or dense_in_effect(p, m.seq_len) for p in patterns)
+        where = "" if everywhere else f" in layer{'s' * (len(layers) > 1)} {', '.join(map(str, layers))}"
+        print(f"{name} is dense in effect{where} at seq {m.seq_len}: every query sees every earlier key, so it "
+              "costs what dense costs")
 
 
 def _print_check(m) -> None:

@@ -1,11 +1,11 @@
 """Write a self-contained HuggingFace folder of the reference model (DESIGN.md "Checkpoints and export").
 
-The folder holds ``config.json`` (with ``auto_map`` to the copied model code), ``configuration_ratplus.py`` and
-``modeling_ratplus.py`` verbatim, the weights as safetensors (tied embedding stored once, sharded above a size
-limit with ``model.safetensors.index.json``), ``generation_config.json`` (eos 2, pad = eos) and, given a
-sentencepiece model, tokenizer files with ``add_bos_token=false`` that are checked to give sentencepiece's ids.
-Everything is written into a temporary sibling folder that is renamed at the end, so a crash never leaves a
-partial folder under the final name.
+The folder holds ``config.json`` (with ``auto_map`` to the copied model code), ``configuration_ratplus.py``,
+``modeling_ratplus.py`` and ``cache_layout.py`` verbatim, the weights as safetensors (tied embedding stored
+once, sharded above a size limit with ``model.safetensors.index.json``), ``generation_config.json`` (eos 2,
+pad = eos) and, given a sentencepiece model, tokenizer files with ``add_bos_token=false`` that are checked to
+give sentencepiece's ids. Everything is written into a temporary sibling folder that is renamed at the end,
+so a crash never leaves a partial folder under the final name.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ AUTO_MAP = {
 }
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 _CODE_DIR = Path(__file__).resolve().parents[1] / "hf"
-_CODE_FILES = ("configuration_ratplus.py", "modeling_ratplus.py")
+_CODE_FILES = ("cache_layout.py", "configuration_ratplus.py", "modeling_ratplus.py")
 _TIED = "lm_head.weight"
 _EMBEDDING = "model.embed_tokens.weight"
 # Texts the written tokenizer must encode exactly as sentencepiece does: leading, repeated and trailing

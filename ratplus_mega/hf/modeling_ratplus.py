@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .cache_layout import cache_regions, cache_slots
 from .configuration_ratplus import RatPlusConfig
 
 Pattern = tuple[int, int, int]
@@ -244,16 +245,6 @@ def attention(q, k, v, pattern: Pattern, scale: float | None = None, *, q_offset
 # --------------------------------------------------------------------------------------------------------------
 
 
-def cache_slots(pattern: Pattern, max_len: int) -> int:
-    """Key/value slots of one layer's cache for sequences of up to ``max_len`` tokens: sinks + window ring +
-    grid store; a dense layer keeps every position. The current token is attended to without being stored
-    first, so this is one slot fewer than spec §4.3's N."""
-    dilation, window, sinks = pattern
-    if dilation == 1:
-        return max_len
-    return sinks + window + (max_len // dilation if dilation > 1 else 0)
-
-
 class RatPlusLayerCache:
     """One layer's decode cache. Positions p < P live in the sinks; later positions in a ring of W slots;
     a position leaving the ring moves to the grid store if (p + 1) % D == 0 (with W = 0, grid positions go
@@ -261,11 +252,11 @@ class RatPlusLayerCache:
 
     def __init__(self, pattern: Pattern, *, batch_size: int, num_heads: int, head_dim: int, max_len: int,
                  dtype: torch.dtype, device, recurrence: bool):
-        dilation, window, sinks = pattern
-        if dilation == 1:  # a dense layer: every position is a "grid" position
-            window, sinks = 0, 0
+        dilation = pattern[0]
+        # A dense layer keeps every position as a "grid" position; a window or sink count beyond max_len is
+        # cut to what max_len positions fill (the same keys stay visible: the ring then never wraps).
+        sinks, window, grid = cache_regions(pattern, max_len)
         self.dilation, self.window, self.sinks, self.max_len = dilation, window, sinks, max_len
-        grid = cache_slots((dilation, window, sinks), max_len) - sinks - window
 
         def buffer(n):
             return torch.zeros(2, batch_size, num_heads, n, head_dim, dtype=dtype, device=device)

@@ -36,9 +36,9 @@ def load(folder, **kwargs):
 def test_folder_loads_with_remote_code_and_same_logits(tmp_path, model, assert_close):
     out = write_hf_folder(tmp_path / "hf", model.config, model.state_dict(), dtype=torch.float32)
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["config.json", "configuration_ratplus.py", "generation_config.json", "model.safetensors",
-                     "modeling_ratplus.py"]
-    for name in ("configuration_ratplus.py", "modeling_ratplus.py"):
+    assert names == ["cache_layout.py", "config.json", "configuration_ratplus.py", "generation_config.json",
+                     "model.safetensors", "modeling_ratplus.py"]
+    for name in ("cache_layout.py", "configuration_ratplus.py", "modeling_ratplus.py"):
         assert (out / name).read_bytes() == (HF_CODE / name).read_bytes()
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"] == {"AutoConfig": "configuration_ratplus.RatPlusConfig",
