@@ -144,7 +144,7 @@ def scan_rows(shapes, copy_bw, table) -> None:
 
 
 def allowed_pairs(time: int, dilation: int, window: int, sinks: int) -> int:
-    """Number of (q, k) pairs the pattern allows for q, k in 0..time-1 (RATPLUS_SPEC.md §1.3)."""
+    """Number of (q, k) pairs the pattern allows for q, k in 0..time-1 (docs/spec.md §1.3)."""
     q = torch.arange(time, dtype=torch.float64)
     local = torch.minimum(q, torch.tensor(float(window))) + 1
     far_sinks = torch.clamp(torch.minimum(q - window, torch.tensor(float(sinks))), min=0)

@@ -43,7 +43,8 @@ def main() -> None:
                                     *args.overrides])
     init_distributed()
     ctx = ParallelContext.initialize(cfg.parallel)
-    engine = build_engine(cfg, ctx, build_model(cfg.model, ctx, seed=0).to(ctx.device))
+    runner = build_step_runner(ctx, seq_len=cfg.model.seq_len)
+    engine = build_engine(cfg, ctx, build_model(cfg.model, ctx, seed=0).to(ctx.device), runner)
     m, seq = cfg.model, cfg.model.seq_len
     tokens = args.micro_batch * args.accumulation * seq
     sparse_flops = 3 * flops_per_token(m, m.layer_patterns())
@@ -63,7 +64,7 @@ def main() -> None:
         else:
             for key, block in engine.module.layers.items():
                 block.mixer.pattern = m.layer_patterns()[int(key)]
-        seconds = _time_steps(lambda: train_step(engine, batches(), lr=1e-4, joint=joint, ctx=ctx, seq_len=seq),
+        seconds = _time_steps(lambda: train_step(runner, engine, batches(), lr=1e-4, joint=joint),
                               args.steps, gpu)
         rows.append((name, seconds, tokens / seconds, flops))
 

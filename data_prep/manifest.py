@@ -14,23 +14,12 @@ import json
 import os
 from typing import Any
 
-__all__ = ["MANIFEST_NAME", "FORMAT_VERSION", "SPLITS", "write_json_atomic", "read_manifest",
+__all__ = ["MANIFEST_NAME", "FORMAT_VERSION", "SPLITS", "read_manifest",
            "manifest_path_for", "check_manifest"]
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Write JSON to ``path`` through a fsynced temporary file and ``os.replace``: readers see the old file
-    or the new one, never half of one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_manifest(path: str) -> dict[str, Any]:

@@ -23,7 +23,9 @@ from typing import Iterator
 
 import numpy as np
 
-from .manifest import FORMAT_VERSION, MANIFEST_NAME, SPLITS, read_manifest, write_json_atomic
+from ratplus_mega.durable import write_json_durably
+
+from .manifest import FORMAT_VERSION, MANIFEST_NAME, SPLITS, read_manifest
 from .readers import InputFile, expand_inputs, iter_records
 from .tokenize_worker import Chunk, ChunkResult, init_worker, tokenize_chunk
 from .windows import SplitWriter, token_dtype
@@ -200,7 +202,7 @@ def _commit(out, progress, inp: InputFile, index: int, writers, part: _Totals) -
     for split, writer in writers.items():
         part.windows[split] = writer.end_part()
     _save_carry(progress, index, writers)
-    write_json_atomic(os.path.join(progress, f"{index:06d}.json"),
+    write_json_durably(os.path.join(progress, f"{index:06d}.json"),
                       {"input": inp.path, "identity": _identity(inp.path), "totals": asdict(part)})
 
 
@@ -221,7 +223,7 @@ def _merge(out: str) -> None:
             finally:
                 logging.disable(logging.NOTSET)
         else:
-            write_json_atomic(os.path.join(staging, "index.json"), {"version": 2, "shards": []})
+            write_json_durably(os.path.join(staging, "index.json"), {"version": 2, "shards": []})
         os.replace(os.path.join(staging, "index.json"), os.path.join(folder, "index.json"))
         shutil.rmtree(staging)
 
@@ -231,7 +233,7 @@ def prep_shards(opts: PrepOptions) -> dict:
 
     Raises ValueError naming the file when an input cannot be read, an existing manifest in ``out`` has a
     different tokenizer or settings, or (with ``strict``) a record is bad."""
-    from ratplus_mega.data.tokenizer import tokenizer_info
+    from .tokenizer import tokenizer_info
 
     tok = tokenizer_info(opts.tokenizer)
     inputs = expand_inputs(opts.inputs)
@@ -242,7 +244,7 @@ def prep_shards(opts: PrepOptions) -> dict:
         _check_resumable(manifest_path, settings)
     for d in (progress, *(os.path.join(opts.out, s) for s in SPLITS)):
         os.makedirs(d, exist_ok=True)
-    write_json_atomic(manifest_path, {**settings, "complete": False})
+    write_json_durably(manifest_path, {**settings, "complete": False})
     done, totals = _committed(progress, inputs)
     _discard_uncommitted(opts.out, progress, done)
     dtype = token_dtype(tok.vocab_size)
@@ -252,7 +254,7 @@ def prep_shards(opts: PrepOptions) -> dict:
     _run(opts, inputs, done, tok.path, writers, totals, progress)
     _merge(opts.out)
     manifest = _final_manifest(settings, opts, inputs, totals, progress)
-    write_json_atomic(manifest_path, manifest)
+    write_json_durably(manifest_path, manifest)
     return manifest
 
 

@@ -1,8 +1,8 @@
 """``ratplus prep tokenizer``: train a lossless sentencepiece model with LLaMA's special ids.
 
-Lossless (DESIGN.md "sentencepiece"): identity normalization, whitespace kept as is, whitespace-only pieces
+Lossless (docs/decisions.md, "Data"): identity normalization, whitespace kept as is, whitespace-only pieces
 allowed, byte fallback (no text maps to ``<unk>``). Ids: ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, no padding
-piece, as in the LLaMA tokenizer of RATPLUS_SPEC.md §5.1. Documents are fed line by line (sentencepiece
+piece, as in the LLaMA tokenizer of docs/spec.md §5.1. Documents are fed line by line (sentencepiece
 skips sentences longer than ``max_sentence_length``); a newline is then encoded by byte fallback, as
 LLaMA's tokenizer does.
 """

@@ -1,4 +1,4 @@
-"""Token stream → (seq_len + 1)-token windows with stride seq_len, written as MDS parts (RATPLUS_SPEC.md §5.2).
+"""Token stream → (seq_len + 1)-token windows with stride seq_len, written as MDS parts (docs/spec.md §5.2).
 
 Consecutive windows overlap by one token, so window r holds stream tokens ``[r*T, r*T + T]``: inputs are its
 first T tokens and labels its last T. A part is one input's windows; it is written under a hidden temporary

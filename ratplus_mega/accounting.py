@@ -1,4 +1,4 @@
-"""Parameter, FLOP and decode-cache arithmetic of a model config (RATPLUS_SPEC.md §4.3, §6.2).
+"""Parameter, FLOP and decode-cache arithmetic of a model config (docs/spec.md §4.3, §6.2).
 
 Pure arithmetic: no torch. ``docs/flops.md`` explains the FLOP convention used for MFU.
 """
@@ -12,16 +12,10 @@ Pattern = tuple[int, int, int]
 DENSE: Pattern = (1, 0, 0)
 
 
-def describe_pattern(pattern: Pattern) -> str:
-    """'dense' or 'D=16 W=256 P=4', for people (log and metric names use ``train.evaluate.pattern_name``)."""
-    dilation, window, sinks = pattern
-    return "dense" if dilation == 1 else f"D={dilation} W={window} P={sinks}"
-
-
 def parameter_count(m: ModelConfig) -> int:
     """Trainable parameters with the tied embedding counted once (spec §6.2)."""
     d = m.hidden_size
-    in_proj = (5 if m.apply_recurrence else 4) * d * d
+    in_proj = m.fused_slices * d * d
     block = in_proj + d * d + 2 * d * m.ffn_hidden_size + 2 * d  # mixer, out_proj, FFN, two norm gains
     return m.num_layers * block + m.vocab_size * d + d
 
@@ -54,7 +48,7 @@ def flops_per_token(m: ModelConfig, patterns: list[Pattern] | None = None, *, se
     seq_len = seq_len or m.seq_len
     patterns = patterns or [DENSE] * m.num_layers
     d = m.hidden_size
-    matmul = m.num_layers * ((5 if m.apply_recurrence else 4) * d * d + d * d + 2 * d * m.ffn_hidden_size)
+    matmul = m.num_layers * (m.fused_slices * d * d + d * d + 2 * d * m.ffn_hidden_size)
     matmul += m.vocab_size * d
     attention = sum(4 * d * attended_keys(seq_len, p) for p in patterns) / seq_len
     return int(2 * matmul + attention)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 
 from . import __version__
+from .errors import RatplusError
 
 
 def _parse_pattern(text: str) -> tuple[int, int, int]:
@@ -23,17 +26,17 @@ def _parse_pattern(text: str) -> tuple[int, int, int]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .accounting import DENSE, cache_bytes, describe_pattern, flops_per_token, parameter_count
+    from .accounting import DENSE, cache_bytes, flops_per_token, parameter_count
     from .config.load import load_config
+    from .config.schema import pattern_name
 
     cfg = load_config(args.config, args.overrides)
     m = cfg.model
     configured = m.layer_patterns()
     rows = [("dense", [DENSE] * m.num_layers)]
     if not m.pattern.is_dense:
-        uniform = len(set(configured)) == 1
-        rows.append((describe_pattern(configured[0]) if uniform else "per-layer", configured))
-    rows += [(describe_pattern(p), [p] * m.num_layers) for p in args.pattern]
+        rows.append((pattern_name(configured), configured))
+    rows += [(pattern_name([p]), [p] * m.num_layers) for p in args.pattern]
     print(f"model: {m.num_layers} layers x {m.hidden_size} ({m.num_heads} heads of {m.head_dim}), "
           f"FFN {m.ffn_hidden_size}, vocab {m.vocab_size}, seq {m.seq_len}, "
           f"{'RAT+' if m.apply_recurrence else 'gated attention (no recurrence)'}")
@@ -87,7 +90,7 @@ def cmd_import_public(args: argparse.Namespace) -> int:
         pattern = read_pattern_file(args.pattern_file)
     else:
         pattern = dict(zip(("dilation", "window", "sinks"), args.pattern or (1, 0, 0)))
-    config, state = public_to_hf(args.checkpoint, **pattern)
+    config, state = public_to_hf(args.checkpoint, **pattern, head_dim=args.head_dim)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     out = write_hf_folder(args.out, config, state, args.tokenizer, dtype=dtype, overwrite=args.overwrite)
     kind = "RAT+" if config.apply_recurrence else "gated attention (no recurrence)"
@@ -167,6 +170,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ratplus", description="RAT+ pretraining stack")
     parser.add_argument("--version", action="version", version=f"ratplus-mega {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of an error too (anywhere on the line; or RATPLUS_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="parameters, FLOPs per token and decode-cache size of a config")
@@ -211,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sparse pattern (default: dense); write D=-1 as --pattern=-1,W,P")
     which.add_argument("--pattern-file", metavar="PATTERN.yaml",
                        help="per-layer pattern: {dilation: [...], window: ..., sinks: ...}")
+    imp.add_argument("--head-dim", type=int, metavar="N",
+                     help="head dimension, for a checkpoint whose config does not give it (must agree if it does)")
     imp.add_argument("--tokenizer", help="sentencepiece .model to write as the folder's tokenizer")
     imp.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="weights on disk (default bf16)")
     imp.add_argument("--overwrite", action="store_true", help="replace --out once the new folder is complete")
@@ -253,11 +260,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("RATPLUS_DEBUG", "") not in ("", "0")
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     try:
         return args.func(args)
-    except ValueError as e:  # config and input errors: one clear line, no traceback
-        print(f"ratplus {args.command}: error: {e}", file=sys.stderr)
+    except (RatplusError, ValueError) as e:  # bad input or a run that cannot go on: one line, exit 2
+        if debug:
+            traceback.print_exc()
+        command = " ".join(filter(None, (args.command, getattr(args, "prep_command", None))))
+        print(f"ratplus {command}: error: {e}", file=sys.stderr)
         return 2
 
 

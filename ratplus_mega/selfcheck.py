@@ -30,7 +30,7 @@ def check_model(m: ModelConfig, *, seq_len: int | None = None, seed: int = 0) ->
     """Random-weight reference model of ``m`` (fp32, CPU or the current CUDA device)."""
     from .accounting import parameter_count
     from .hf.modeling_ratplus import RatPlusForCausalLM
-    from .model.mapping import reference_config
+    from .reference_layout import reference_config
 
     if parameter_count(m) > MAX_CHECK_PARAMETERS:
         raise ValueError(f"--check builds the model in fp32 on this machine; {parameter_count(m)} parameters is "

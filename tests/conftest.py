@@ -7,8 +7,11 @@ this file is not importable as a module).
 from __future__ import annotations
 
 import importlib
+import json
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 # Set before anything imports the reference model or transformers: the oracle must be pure torch, and a
 # test must never try to download a tokenizer or model.
@@ -143,3 +146,32 @@ def kernels():
 def device() -> str:
     """``"cuda"`` where a GPU is visible, else ``"cpu"`` (the kernels then run under the Triton interpreter)."""
     return DEVICE
+
+
+_CLI_DRIVER = """
+import json, sys
+blocked = set(sys.argv[1].split(",")) - {""}
+
+class Unimportable:  # a finder that makes the blocked packages fail to import, as if not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in blocked:
+            raise ImportError(f"{name} is made unimportable by the test")
+
+sys.meta_path.insert(0, Unimportable())
+from ratplus_mega.cli import main
+code = main(sys.argv[2:])
+print(json.dumps({"code": code, "loaded": sorted({m.split(".")[0] for m in sys.modules} & {"megatron", "deepspeed"})}))
+"""
+
+
+@pytest.fixture
+def cli_imports():
+    """``cli_imports(args, block=(...))`` runs ``ratplus ARGS`` in a fresh interpreter with the ``block``ed
+    packages unimportable; returns (exit code, the heavy training packages it loaded, stderr)."""
+    def run(args: list[str], *, block: tuple[str, ...] = ()):
+        proc = subprocess.run([sys.executable, "-c", _CLI_DRIVER, ",".join(block), *map(str, args)],
+                              capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+        assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-3000:]
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        return result["code"], result["loaded"], proc.stderr
+    return run

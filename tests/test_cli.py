@@ -28,3 +28,9 @@ def test_info_bad_override_is_one_line_exit_2():
     assert len(lines) == 1, res.stderr
     assert lines[0].startswith("ratplus info: error:") and "model.hidden_size" in lines[0]
     assert "Traceback" not in res.stderr
+
+
+def test_info_imports_neither_megatron_nor_deepspeed(cli_imports):
+    code, loaded, err = cli_imports(["info", "--config", "configs/model/tiny.yaml", "--pattern", "8,16,4"],
+                                    block=("megatron", "deepspeed"))
+    assert code == 0 and loaded == [], err[-2000:]

@@ -1,7 +1,14 @@
-"""Checkpoints with a commit protocol, and the RNG states they carry."""
+"""Checkpoints: the commit protocol, the marker that says what a checkpoint holds, consolidation of its
+shards to full tensors, and the RNG states a resumed run continues from. Training, adaptation and export
+use this package and never read a checkpoint's files themselves."""
 
+from .consolidate import consolidate
+from .marker import MARKER, Marker, check_resumable, check_same_model_layout, model_fingerprint, read_marker, run_config
 from .rng import restore_rng_state, rng_state
-from .store import committed_checkpoints, latest_checkpoint, load_rank_state, read_marker, save_checkpoint
+from .store import (committed_checkpoints, latest_checkpoint, load_module_weights, load_rank_state, resolve_checkpoint,
+                    resume_checkpoint, save_checkpoint)
 
-__all__ = ["committed_checkpoints", "latest_checkpoint", "load_rank_state", "read_marker", "restore_rng_state",
-           "rng_state", "save_checkpoint"]
+__all__ = ["MARKER", "Marker", "check_resumable", "check_same_model_layout", "committed_checkpoints", "consolidate",
+           "latest_checkpoint", "load_module_weights", "load_rank_state", "model_fingerprint", "read_marker",
+           "resolve_checkpoint", "restore_rng_state", "resume_checkpoint", "rng_state", "run_config",
+           "save_checkpoint"]

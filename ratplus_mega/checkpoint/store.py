@@ -10,7 +10,7 @@ Layout of ``ROOT``::
     ROOT/.tmp-step000001300/     a save in progress (or interrupted): never loaded, removed by the next save
     ROOT/latest                  the newest committed tag, for humans and DeepSpeed tools
 
-Protocol (DESIGN.md "Checkpoints"): every rank writes into the temporary tag and fsyncs its files; barrier;
+Protocol: every rank writes into the temporary tag and fsyncs its files; barrier;
 rank 0 writes the marker, renames the folder to its final tag with ``os.replace`` and rewrites ``latest``;
 barrier. Resume scans for the newest folder that holds a marker, so ``latest`` is never trusted alone.
 Per-rank files hold tensors and plain containers only and load with ``weights_only=True``.
@@ -18,7 +18,6 @@ Per-rank files hold tensors and plain containers only and load with ``weights_on
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -28,7 +27,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-MARKER = "COMMITTED.json"
+from ..config.load import dump_config
+from ..config.schema import RunConfig
+from ..durable import fsync_dir, fsync_tree, write_text_durably
+from .marker import CONFIG, MARKER, Marker, check_resumable, marker_json, model_fingerprint
+
 _TAG = re.compile(r"step(\d{9})")
 
 
@@ -50,9 +53,10 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(engine, root: str | Path, *, step: int, rank_state: dict, marker: dict, config_yaml: str,
-                    keep_last: int) -> Path:
-    """Collective: save the engine and this rank's ``rank_state`` as committed checkpoint ``step``."""
+def save_checkpoint(engine, root: str | Path, *, step: int, rank_state: dict, run: RunConfig,
+                    layout: dict[str, int]) -> Path:
+    """Collective: save the engine and this rank's ``rank_state`` as committed checkpoint ``step`` of ``run``
+    (laid out as ``layout``), keeping the newest ``run.train.keep_last``."""
     root, rank = Path(root), dist.get_rank()
     tag = tag_for(step)
     tmp = root / f".tmp-{tag}"
@@ -63,58 +67,61 @@ def save_checkpoint(engine, root: str | Path, *, step: int, rank_state: dict, ma
     dist.barrier()
     engine.save_checkpoint(str(root), tag=tmp.name, client_state={"step": step}, save_latest=False)
     tmp.mkdir(parents=True, exist_ok=True)
-    torch.save(rank_state, tmp / f"ratplus_rank{rank:05d}.pt")
-    _fsync_tree(tmp)
+    torch.save(rank_state, tmp / _rank_file(rank))
+    fsync_tree(tmp)
     dist.barrier()
     if rank == 0:
-        (tmp / "config.yaml").write_text(config_yaml)
-        _write_durably(tmp / MARKER, json.dumps({**marker, "step": step, "time": time.time()}, indent=2))
+        (tmp / CONFIG).write_text(dump_config(run))
+        marker = Marker(step=step, layout=layout, model=model_fingerprint(run.model), time=time.time())
+        write_text_durably(tmp / MARKER, marker_json(marker))
         final = root / tag
         if final.exists():  # the same step saved again after a resume: replace it whole
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
-        _write_durably(root / "latest", tag)
-        for old in committed_checkpoints(root)[:-keep_last]:
+        fsync_dir(root)
+        write_text_durably(root / "latest", tag)
+        for old in committed_checkpoints(root)[:-run.train.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return root / tag
 
 
-def read_marker(path: Path) -> dict:
-    return json.loads((path / MARKER).read_text())
+def resume_checkpoint(engine, checkpoint: Path, *, run: RunConfig, layout: dict[str, int]) -> dict:
+    """Load committed ``checkpoint`` into ``engine`` (weights, optimizer) after checking that ``run`` laid out as
+    ``layout`` may continue it; returns this rank's state (``step``, ``data``, ``rng``)."""
+    check_resumable(checkpoint, layout=layout, model=run.model)
+    engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name, load_lr_scheduler_states=False)
+    return load_rank_state(checkpoint)
+
+
+def load_module_weights(engine, checkpoint: Path) -> None:
+    """Only the weights of committed ``checkpoint`` into ``engine`` (same TP/PP cut; the optimizer stays fresh)."""
+    engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name, load_module_only=True,
+                           load_optimizer_states=False, load_lr_scheduler_states=False)
 
 
 def load_rank_state(path: Path) -> dict:
     """This rank's per-rank state of committed checkpoint ``path``."""
-    file = path / f"ratplus_rank{dist.get_rank():05d}.pt"
+    file = path / _rank_file(dist.get_rank())
     if not file.is_file():
         raise RuntimeError(f"{path} has no state for rank {dist.get_rank()} ({file.name}): it was written by a "
                            "run with fewer ranks")
     return torch.load(file, weights_only=True)
 
 
-def _write_durably(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+def resolve_checkpoint(path: str | Path, *, key: str) -> Path:
+    """A committed checkpoint folder, or the newest one under a run's ``checkpoints`` folder or run folder;
+    ValueError naming ``key`` (the option or config key that gave ``path``) when there is none."""
+    path = Path(path)
+    for candidate in (path, path / "checkpoints"):
+        if (candidate / MARKER).is_file():
+            return candidate
+        found = latest_checkpoint(candidate)
+        if found is not None:
+            return found
+    raise ValueError(f"{key} {path}: no committed checkpoint there (a folder holding {MARKER}, or a run's "
+                     "checkpoints folder)")
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _rank_file(rank: int) -> str:
+    return f"ratplus_rank{rank:05d}.pt"

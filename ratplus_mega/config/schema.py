@@ -32,7 +32,7 @@ def _per_layer(key: str, value: IntOrList, num_layers: int) -> list[int]:
 
 @dataclass(kw_only=True)
 class PatternConfig:
-    """The sparse attention pattern (D, W, P) of RATPLUS_SPEC.md §1.3, an int or one entry per layer.
+    """The sparse attention pattern (D, W, P) of docs/spec.md §1.3, an int or one entry per layer.
 
     A query at q sees keys k <= q with q - k <= W (window, inclusive), or k < P (sinks), or
     (k + 1) % D == 0 (grid). D = 1 is dense; D = -1 has no grid (window and sinks only).
@@ -68,9 +68,16 @@ class PatternConfig:
         return all(v == 1 for v in values)
 
 
+def pattern_name(patterns: list[tuple[int, int, int]]) -> str:
+    """'dense', 'D16-W256-P4', or for layers that differ 'per-layer:' and each layer's name, comma-separated.
+    The one spelling of a pattern in logs, metrics, tables and file names."""
+    names = ["dense" if d == 1 else f"D{d}-W{w}-P{p}" for d, w, p in patterns]
+    return names[0] if len(set(names)) == 1 else "per-layer:" + ",".join(names)
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
-    """Architecture of a RAT+ language model (RATPLUS_SPEC.md §1, §6)."""
+    """Architecture of a RAT+ language model (docs/spec.md §1, §6)."""
 
     preset: str | None = None
     """Name of a file in configs/model/ (or a path) whose ``model`` section these fields override."""
@@ -126,10 +133,15 @@ class ModelConfig:
         """The configured ``(D, W, P)`` of each layer."""
         return self.pattern.per_layer(self.num_layers)
 
+    @property
+    def fused_slices(self) -> int:
+        """Slices of the fused input projection: o, q, k, v and, with the recurrence, the gate g (spec §1.2)."""
+        return 5 if self.apply_recurrence else 4
+
 
 @dataclass(kw_only=True)
 class ParallelConfig:
-    """How a run is laid out over ranks (DESIGN.md "Parallelism"); data parallel is what is left."""
+    """How a run is laid out over ranks (docs/parallelism.md); data parallel is what is left."""
 
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
@@ -148,6 +160,9 @@ class ParallelConfig:
             raise ConfigError("sequence_parallel", "needs tensor_parallel > 1")
         if self.zero_stage == 3 and (self.tensor_parallel, self.pipeline_parallel, self.context_parallel) != (1, 1, 1):
             raise ConfigError("zero_stage", "ZeRO-3 is supported only with tensor, pipeline and context parallel all 1")
+        if self.pipeline_parallel > 1 and self.zero_stage != 1:
+            raise ConfigError("zero_stage", "pipeline parallel runs with ZeRO-1 (DeepSpeed's ZeRO-0 clipping counts the "
+                                            "tied embedding twice; ZeRO-2 under megatron-core's schedule is not verified)")
 
     @property
     def model_parallel_size(self) -> int:
@@ -203,7 +218,7 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    """Optimisation, schedule and bookkeeping of one training phase (RATPLUS_SPEC.md §2–§3)."""
+    """Optimisation, schedule and bookkeeping of one training phase (docs/spec.md §2–§3)."""
 
     phase: Literal["pretrain", "adapt"] = "pretrain"
     joint: bool = False
@@ -280,6 +295,9 @@ class RunConfig:
         if m.seq_len % p.context_parallel:
             raise ConfigError("parallel.context_parallel",
                               f"must divide seq_len ({m.seq_len}), got {p.context_parallel}")
+        if p.context_parallel > 1:
+            raise ConfigError("parallel.context_parallel", "context parallelism is not implemented yet (the "
+                              "recurrence state is not passed across ranks): use 1")
         if t.joint and m.pattern.is_dense:
             raise ConfigError("train.joint", "joint training needs a sparse model.pattern (e.g. dilation: 64)")
         for i, pattern in enumerate(t.eval_patterns):

@@ -3,7 +3,7 @@
 Streaming pads each rank's partition by repeating samples, so validation reads by index instead: DP rank
 r of n reads windows ``[r*N//n, (r+1)*N//n)`` in stored order through the dataset's random access (which
 still downloads and decompresses shards as needed). Ranks may get one window more than others and the last
-batch may be short: the metric is a token-weighted sum reduced once at the end (RATPLUS_SPEC.md §5.3).
+batch may be short: the metric is a token-weighted sum reduced once at the end (docs/spec.md §5.3).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Per-DP-rank training batches from (T + 1)-token windows, resumable from the consumed-sample count.
 
 Batches are ``(inputs, labels)``, both (B, T) int64: inputs = window[:-1], labels = window[1:] with -100
-where the *input* token is EOS (RATPLUS_SPEC.md §5.2: the first token of the next document is not predicted
+where the *input* token is EOS (docs/spec.md §5.2: the first token of the next document is not predicted
 from the EOS). The state is the position in the global sample order, counted over DP replicas
 (``batches yielded * batch_size * dp_size``), plus the pinned shuffle, so a run resumes exactly, also on a
 different number of DP ranks within an epoch (streaming repartitions the remaining samples).
@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from streaming.base.world import World
 
+from ..batch import IGNORE_INDEX
 from .streaming import DataLayout, ShuffleParams, WindowDataset, build_window_dataset, window_length
 
-__all__ = ["IGNORE_INDEX", "make_batch", "TrainLoader", "build_train_loader", "check_window_length"]
+__all__ = ["make_batch", "TrainLoader", "build_train_loader", "check_window_length"]
 
-IGNORE_INDEX = -100
 
 
 def make_batch(windows: Sequence[np.ndarray] | np.ndarray, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,12 +91,11 @@ def build_train_loader(data, *, seq_len: int, vocab_size: int, eos_id: int, layo
                        micro_batch_size: int, check_manifests: bool = True) -> TrainLoader:
     """The shuffled training loader of ``data`` (a :class:`DataConfig`) for one rank.
 
-    Cleans streaming's stale shared memory first (collective when torch.distributed is initialized: call
-    on every rank), checks the layout against RANK/WORLD_SIZE, each local folder's manifest and every
-    shard's window length against the model. Raises ValueError naming the file and both values on a
-    mismatch."""
-    from streaming.base.util import clean_stale_shared_memory
-
+    Collective when torch.distributed is initialized (dataset construction has barriers): call on every
+    rank. Checks the layout against RANK/WORLD_SIZE, each local folder's manifest and every shard's window
+    length against the model. Raises ValueError naming the file and both values on a mismatch. Streaming's
+    stale shared memory is cleaned when the dataset registers (only what no live process holds:
+    :mod:`.streaming`)."""
     from ratplus_mega.data_prep.manifest import check_manifest
 
     layout.check_environment()
@@ -104,7 +103,6 @@ def build_train_loader(data, *, seq_len: int, vocab_size: int, eos_id: int, layo
         for folder in data.train:
             if "://" not in folder:
                 check_manifest(folder, seq_len=seq_len, vocab_size=vocab_size)
-    clean_stale_shared_memory()
     shuffle = ShuffleParams(seed=data.shuffle_seed, algo=data.shuffle_algo,
                             num_canonical_nodes=data.num_canonical_nodes)
     dataset = build_window_dataset(data.train, batch_size=micro_batch_size, shuffle=shuffle,

@@ -1,4 +1,4 @@
-"""Random-offset sampler of the adaptation phase (RATPLUS_SPEC.md §3, the reference's ``lm_random``).
+"""Random-offset sampler of the adaptation phase (docs/spec.md §3, the reference's ``lm_random``).
 
 Every sample is T + 1 consecutive tokens starting at a uniformly random token offset (with replacement) of
 the training stream. The stream is the stored windows read as one flat sequence: window r holds stream

@@ -1,4 +1,4 @@
-"""Write a self-contained HuggingFace folder of the reference model (DESIGN.md "Checkpoints and export").
+"""Write a self-contained HuggingFace folder of the reference model (docs/checkpoints.md, "Export: the HF folder").
 
 The folder holds ``config.json`` (with ``auto_map`` to the copied model code), ``configuration_ratplus.py``,
 ``modeling_ratplus.py`` and ``cache_layout.py`` verbatim, the weights as safetensors (tied embedding stored

@@ -1,7 +1,10 @@
 """Public RAT+ checkpoints (``torch.save`` dicts of the reference code) → the reference model's state dict.
 
 The public trainer saves ``{"task": state_dict, "config": ..., "step": ..., "optimizer": ..., ...}`` (spec §9).
-Its state-dict names, with ``_orig_mod.`` inserted anywhere by ``torch.compile``::
+The head shape comes from the config (its attention layer's section, ``model.backbone.seq_cell``: ``d_model``,
+``d_head`` and ``num_head``), since the tensors show only the width; a config that disagrees with the tensors,
+or none, is refused (``--head-dim`` gives it for a weights-only file). The state-dict names, with ``_orig_mod.``
+inserted anywhere by ``torch.compile``::
 
     embedding.wte.weight                                   → model.embed_tokens.weight
     head.lm_head.weight (tied copy, optional)              → dropped (must equal the embedding)
@@ -13,7 +16,8 @@ Its state-dict names, with ``_orig_mod.`` inserted anywhere by ``torch.compile``
     backbone.ln.weight                                     → model.norm.weight
 
 Loading never unpickles arbitrary objects: ``torch.load(weights_only=True)`` with an explicit allow-list of the
-config classes the public code stores (EasyDict, OmegaConf containers), each admitted only if importable here.
+config classes the public code stores (EasyDict, OmegaConf containers), each admitted only if importable here. A
+file that is not a PyTorch checkpoint, or a damaged one, is refused in one line.
 """
 
 from __future__ import annotations
@@ -23,19 +27,22 @@ import pickle
 import re
 import zipfile
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+from ..errors import RatplusError
 from ..hf import RatPlusConfig
 
 __all__ = [
-    "ALLOWED_GLOBALS", "HEAD_DIM", "convert_public_state_dict", "load_public_checkpoint", "public_to_hf",
-    "read_pattern_file",
+    "ALLOWED_GLOBALS", "CONFIG_LAYER_SECTION", "convert_public_state_dict", "head_settings",
+    "load_public_checkpoint", "public_to_hf", "read_pattern_file",
 ]
 
-HEAD_DIM = 128
-"""Head dimension of every public RAT+ model (spec §6.1); the number of heads is hidden / 128."""
+CONFIG_LAYER_SECTION = "model.backbone.seq_cell"
+"""Where the public trainer's (resolved hydra) config keeps the attention layer's ``d_model``, ``d_head`` and
+``num_head``; its layer config's default head dim is 64, the published models use 128."""
 
 ALLOWED_GLOBALS = (
     "easydict.EasyDict",
@@ -50,8 +57,11 @@ ALLOWED_GLOBALS = (
 
 _STAND_INS = {"easydict.EasyDict": OrderedDict}
 """Classes read as another one. The weights-only unpickler fills only dict, OrderedDict and Counter, so the
-public trainer's EasyDict config (a dict subclass with mirrored attributes) comes back as an OrderedDict; the
-importer never uses the config, and the easydict package is not needed."""
+public trainer's EasyDict config (a dict subclass with mirrored attributes) comes back as an OrderedDict, which
+is all the importer reads of it; the easydict package is not needed."""
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6: a zip archive
+_LEGACY_MAGIC = bytes.fromhex("6cfc9c46f9206aa85019")  # torch.save's magic number in its older pickle format
 
 _LAYER = re.compile(r"backbone\.layers\.(\d+)\.(seq_layer|hidden_layer)\.(\w+)\.weight")
 _LAYER_NAMES = {
@@ -68,33 +78,64 @@ def load_public_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     Raises:
         ValueError: the file holds a class outside :data:`ALLOWED_GLOBALS` (named, with what to do), an allowed
             class that cannot be imported here, or no ``task`` state dict.
+        RatplusError: the file is not a PyTorch checkpoint, or a truncated or damaged one.
     """
-    path = Path(path)
+    return _load(Path(path))["task"]
+
+
+def _load(path: Path) -> dict:
+    """The whole checkpoint dict (``task`` checked to be a dict), loaded with ``weights_only=True``."""
     if not path.is_file():
         raise ValueError(f"checkpoint {path}: no such file")
+    _check_is_torch_file(path)
     allowed = _allowed_globals(path)
     try:
         with torch.serialization.safe_globals(allowed):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(f"checkpoint {path}: refused by the weights-only loader: {e}") from None
+        # Only the legacy format gets here with a class outside the list (zip files were checked above).
+        name = re.search(r"GLOBAL (\S+)", str(e))
+        if name:
+            raise ValueError(_unlisted_message(path, [name.group(1)])) from None
+        raise RatplusError(f"checkpoint {path}: cannot be read as a PyTorch checkpoint; it is truncated or "
+                           "damaged") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile):
+        raise RatplusError(f"checkpoint {path}: cannot be read as a PyTorch checkpoint; it is truncated or "
+                           "damaged") from None
     if isinstance(ckpt, dict) and isinstance(ckpt.get("task"), dict):
-        return ckpt["task"]
+        return ckpt
     keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
     raise ValueError(f"checkpoint {path}: expected a dict with a 'task' state dict (public RAT+ format), got {keys}")
+
+
+def _check_is_torch_file(path: Path) -> None:
+    """Refuse, from its first bytes, a file that torch.save did not write."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(_ZIP_MAGIC):
+        if not zipfile.is_zipfile(path):
+            raise RatplusError(f"checkpoint {path}: a zip archive without its directory; the file is truncated or "
+                               "damaged (copy it again)")
+        return
+    if head.startswith(b"\x80") and _LEGACY_MAGIC in head:
+        return
+    what = "an empty file" if not head else "neither torch.save's zip archive nor its older pickle format"
+    raise RatplusError(f"checkpoint {path}: not a PyTorch checkpoint ({what}); expected the public RAT+ "
+                       "trainer's .pth file")
 
 
 def _allowed_globals(path: Path) -> list:
     """The allow-listed objects this file needs; raises naming any other class it holds."""
     if not zipfile.is_zipfile(path):
         return []  # a legacy-format file: the weights-only loader itself refuses any global it meets
-    found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile, pickle.UnpicklingError):
+        raise RatplusError(f"checkpoint {path}: a zip archive that PyTorch cannot read as a checkpoint; it is "
+                           "truncated, damaged or not a torch.save file") from None
     unlisted = [name for name in found if name not in ALLOWED_GLOBALS]
     if unlisted:
-        raise ValueError(
-            f"checkpoint {path} holds {', '.join(unlisted)}, which the importer does not unpickle (allowed: "
-            "EasyDict and OmegaConf configs, plain containers). If you trust the file, re-save only its weights: "
-            "torch.save({'task': torch.load(path, weights_only=False)['task']}, new_path)")
+        raise ValueError(_unlisted_message(path, unlisted))
     objects = []
     for name in found:
         if name in _STAND_INS:
@@ -109,14 +150,78 @@ def _allowed_globals(path: Path) -> list:
     return objects
 
 
-def convert_public_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+def _unlisted_message(path: Path, unlisted: list[str]) -> str:
+    return (f"checkpoint {path} holds {', '.join(unlisted)}, which the importer does not unpickle (allowed: "
+            "EasyDict and OmegaConf configs, plain containers). If you trust the file, re-save only its weights: "
+            "torch.save({'task': torch.load(path, weights_only=False)['task']}, new_path)")
+
+
+def head_settings(config) -> dict[str, int]:
+    """The ``d_model``, ``d_head`` and ``num_head`` integers the public config gives under
+    :data:`CONFIG_LAYER_SECTION` (absent, unresolved or non-integer entries left out)."""
+    section = config
+    for key in CONFIG_LAYER_SECTION.split("."):
+        section = _entry(section, key)
+    found = {}
+    for key in ("d_model", "d_head", "num_head"):
+        value = _entry(section, key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            found[key] = value
+    return found
+
+
+def _entry(mapping, key):
+    """``mapping[key]``, or None where it is absent or cannot be read (e.g. an OmegaConf interpolation whose
+    resolver is not registered here)."""
+    if not isinstance(mapping, Mapping) and not hasattr(mapping, "get"):
+        return None
+    try:
+        return mapping.get(key)
+    except Exception:  # noqa: BLE001 - an unresolvable config entry counts as absent
+        return None
+
+
+def _head_shape(d: int, config, head_dim: int | None) -> tuple[int, int]:
+    """(head_dim, heads) for hidden size ``d`` from the config and/or ``head_dim``; refuses disagreements."""
+    where = f"the checkpoint's config ({CONFIG_LAYER_SECTION})"
+    given = head_settings(config) if config is not None else {}
+    if "d_model" in given and given["d_model"] != d:
+        raise RatplusError(f"public checkpoint: {where} says d_model {given['d_model']}, but the tensors are {d} "
+                           "wide (embedding.wte.weight); the config and the weights are of different models")
+    from_config, heads = given.get("d_head"), given.get("num_head")
+    if from_config is not None and heads is not None and from_config * heads != d:
+        raise RatplusError(f"public checkpoint: {where} says num_head {heads} x d_head {from_config} = "
+                           f"{heads * from_config}, but the tensors are {d} wide")
+    if from_config is None and heads is not None:
+        if heads <= 0 or d % heads:
+            raise RatplusError(f"public checkpoint: {where} says num_head {heads}, which does not divide the "
+                               f"tensors' width {d}")
+        from_config = d // heads
+    if head_dim is not None and from_config is not None and head_dim != from_config:
+        raise RatplusError(f"public checkpoint: --head-dim {head_dim} disagrees with {where}, which gives head dim "
+                           f"{from_config}")
+    head_dim = head_dim if head_dim is not None else from_config
+    if head_dim is None:
+        raise RatplusError(f"public checkpoint: {where} gives no d_head or num_head; pass --head-dim (the "
+                           "published RAT+ models use 128)")
+    if head_dim <= 0 or d % head_dim:
+        raise RatplusError(f"public checkpoint: hidden size {d} is not a multiple of the head dim {head_dim}")
+    return head_dim, d // head_dim
+
+
+def convert_public_state_dict(state: dict[str, torch.Tensor], config=None, *,
+                              head_dim: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Map a public state dict to the reference model's names and infer its shape.
 
+    Args:
+        config: the checkpoint's ``config`` entry; its :data:`CONFIG_LAYER_SECTION` gives the head shape.
+        head_dim: the head dimension, for a checkpoint whose config does not give it (it must agree if it does).
     Returns:
         (state_dict, shape) with shape keys ``vocab_size, hidden_size, num_hidden_layers,
         num_attention_heads, head_dim, intermediate_size, apply_recurrence``.
     Raises:
         ValueError: unknown or missing keys (named), duplicated names, or shapes that do not fit one model.
+        RatplusError: no head shape, or a config that disagrees with the tensors.
     """
     state = _strip_compile_prefix(state)
     out, layers, unknown = {}, {}, []
@@ -143,15 +248,14 @@ def convert_public_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str,
     head = out.pop("lm_head.weight", None)
     if head is not None and not torch.equal(head, out["model.embed_tokens.weight"]):
         raise ValueError("public checkpoint: head.lm_head.weight differs from embedding.wte.weight (untied head)")
-    if d % HEAD_DIM:
-        raise ValueError(f"public checkpoint: hidden size {d} is not a multiple of the head dim {HEAD_DIM}")
+    head_dim, heads = _head_shape(d, config, head_dim)
     recurrence = set()
     for i in range(max(layers) + 1):
         recurrence.add(_convert_layer(i, layers.get(i, {}), d, out))
     if len(recurrence) > 1:
         raise ValueError("public checkpoint: some layers have the forget gate (5d in_proj rows) and some do not")
-    shape = dict(vocab_size=vocab, hidden_size=d, num_hidden_layers=len(layers), num_attention_heads=d // HEAD_DIM,
-                 head_dim=HEAD_DIM, intermediate_size=out["model.layers.0.ffn.fc1.weight"].shape[0],
+    shape = dict(vocab_size=vocab, hidden_size=d, num_hidden_layers=len(layers), num_attention_heads=heads,
+                 head_dim=head_dim, intermediate_size=out["model.layers.0.ffn.fc1.weight"].shape[0],
                  apply_recurrence=recurrence.pop())
     return out, shape
 
@@ -190,10 +294,13 @@ def _public_name(name: str) -> str:
     return next(f"{section}.{public}" for (section, public), ours in _LAYER_NAMES.items() if ours == name)
 
 
-def public_to_hf(path: str | Path, *, dilation=1, window=0, sinks=0) -> tuple[RatPlusConfig, dict]:
+def public_to_hf(path: str | Path, *, dilation=1, window=0, sinks=0,
+                 head_dim: int | None = None) -> tuple[RatPlusConfig, dict]:
     """Load a public checkpoint and return the reference model's config (with the given sparse pattern, an
-    int or one entry per layer) and state dict. Shapes the config rejects raise ValueError."""
-    state, shape = convert_public_state_dict(load_public_checkpoint(path))
+    int or one entry per layer; the head shape from the checkpoint's config, or ``head_dim``) and state dict.
+    Shapes the config rejects raise ValueError."""
+    ckpt = _load(Path(path))
+    state, shape = convert_public_state_dict(ckpt["task"], ckpt.get("config"), head_dim=head_dim)
     config = RatPlusConfig(**shape, dilation=dilation, window=window, sinks=sinks)
     return config, state
 

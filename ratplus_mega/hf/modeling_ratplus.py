@@ -2,7 +2,7 @@
 
 RAT+ (arXiv 2602.18196) runs attention over keys and values that first pass through a full-sequence gated
 linear recurrence; the same model runs dense causal attention or the dilated sparse pattern (grid keys +
-local window + sink tokens) of RATPLUS_SPEC.md §1.3, and decodes with a compressed cache (§4.2) holding only
+local window + sink tokens) of docs/spec.md §1.3, and decodes with a compressed cache (§4.2) holding only
 the sinks, the window ring, the grid keys and the fp32 recurrence state.
 
 This file is the project's numerical truth: the training model, the fused kernels and every export are tested

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..accounting import describe_pattern
+from ..config.schema import pattern_name
 
 
 @dataclass
@@ -33,10 +33,11 @@ def generate_text(model_dir: str | Path, prompt: str, *, max_new_tokens: int = 6
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
-        from ..export.to_hf import export_hf, resolve_checkpoint
+        from ..checkpoint import resolve_checkpoint
+        from ..export.to_hf import export_hf
 
         try:
-            checkpoint = resolve_checkpoint(model_dir)
+            checkpoint = resolve_checkpoint(model_dir, key="--model")
         except ValueError:
             raise ValueError(f"--model {model_dir}: neither an HF folder (config.json) nor a training run or "
                              "checkpoint") from None
@@ -61,8 +62,7 @@ def generate_text(model_dir: str | Path, prompt: str, *, max_new_tokens: int = 6
                              return_dict_in_generate=True, pad_token_id=model.config.eos_token_id)
     seconds = time.perf_counter() - start
     new = out.sequences[0, ids.shape[1]:]
-    layers = model.layer_patterns(mode)
-    names = {describe_pattern(p) for p in layers}
+    layers = [tuple(p) for p in model.layer_patterns(mode)]
     return Generation(text=tokenizer.decode(new, skip_special_tokens=True), prompt_tokens=ids.shape[1],
                       new_tokens=len(new), tokens_per_second=len(new) / max(seconds, 1e-9),
-                      cache_bytes=out.past_key_values.nbytes(), pattern=", ".join(sorted(names)))
+                      cache_bytes=out.past_key_values.nbytes(), pattern=pattern_name(layers))

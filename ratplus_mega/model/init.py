@@ -1,7 +1,7 @@
 """Layout-free initialisation: the same seed gives the same model for every (TP, PP, CP, DP) layout.
 
 Each reference tensor is drawn whole from a generator seeded by (seed, reference name), N(0, init_std²)
-for matrices and ones for norm gains (RATPLUS_SPEC.md §1.7), then cut to this rank's piece. The reference
+for matrices and ones for norm gains (docs/spec.md §1.7), then cut to this rank's piece. The reference
 model built with :func:`reference_init_state_dict` therefore starts from exactly the training model's weights.
 """
 
@@ -12,8 +12,10 @@ import hashlib
 import torch
 
 from ..config.schema import ModelConfig
+from ..parallel.context import ParallelContext
+from ..reference_layout import layout_of, reference_shapes, shard
 from .lm import RatPlusLM
-from .mapping import layout_of, shard
+from .mapping import mark_tensor_parallel_attributes
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
@@ -26,19 +28,6 @@ def draw_reference_tensor(name: str, shape: tuple[int, ...], *, seed: int, std: 
     if name.endswith("norm.weight"):
         return torch.ones(shape)
     return torch.randn(shape, generator=_generator(seed, name)) * std
-
-
-def reference_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Shapes of the reference model's parameters (the tied head is the embedding)."""
-    d, f = m.hidden_size, m.ffn_hidden_size
-    slices = 5 if m.apply_recurrence else 4
-    shapes = {"model.embed_tokens.weight": (m.vocab_size, d), "model.norm.weight": (d,)}
-    for i in range(m.num_layers):
-        p = f"model.layers.{i}."
-        shapes.update({p + "input_norm.weight": (d,), p + "mixer.in_proj.weight": (slices * d, d),
-                       p + "mixer.out_proj.weight": (d, d), p + "ffn_norm.weight": (d,),
-                       p + "ffn.fc1.weight": (f, d), p + "ffn.fc2.weight": (d, f)})
-    return shapes
 
 
 def reference_init_state_dict(m: ModelConfig, *, seed: int) -> dict[str, torch.Tensor]:
@@ -57,4 +46,12 @@ def initialize_weights(model: RatPlusLM, *, seed: int) -> None:
             layout = layout_of(name)
             full = draw_reference_tensor(layout.reference_name, shapes[layout.reference_name], seed=seed,
                                          std=model.model_config.init_std)
-            param.copy_(shard(full, layout.kind, model))
+            param.copy_(shard(full, layout.kind, model.model_config, tp=model.ctx.tp, rank=model.ctx.tp_rank))
+
+
+def build_model(m: ModelConfig, ctx: ParallelContext, *, seed: int, params_dtype: torch.dtype = torch.float32):
+    """A stage of the training model with layout-free initial weights (same seed, same model, any layout)."""
+    model = RatPlusLM(m, ctx, params_dtype=params_dtype)
+    mark_tensor_parallel_attributes(model)
+    initialize_weights(model, seed=seed)
+    return model

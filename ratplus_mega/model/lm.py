@@ -13,17 +13,12 @@ import torch.nn as nn
 from megatron.core import tensor_parallel as mc_tp
 from megatron.core.enums import ModelType
 
+from ..batch import IGNORE_INDEX
 from ..config.schema import ModelConfig
 from ..parallel.context import ParallelContext
+from ..reference_layout import padded_vocab_size
 from .block import ParallelBlock, ParallelRMSNorm
 from .mixer import no_init
-
-IGNORE_INDEX = -100
-
-
-def padded_vocab_size(vocab_size: int, tp: int) -> int:
-    """The embedding rows allocated: the vocabulary rounded up to a multiple of the TP size."""
-    return -(-vocab_size // tp) * tp
 
 
 class RatPlusLM(nn.Module):
@@ -102,14 +97,3 @@ def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     keep = labels != IGNORE_INDEX
     per_token = mc_tp.vocab_parallel_cross_entropy(logits, labels.masked_fill(~keep, 0))
     return (per_token * keep).sum() / keep.sum().clamp(min=1)
-
-
-def build_model(m: ModelConfig, ctx: ParallelContext, *, seed: int, params_dtype: torch.dtype = torch.float32):
-    """A stage of the training model with layout-free initial weights (same seed, same model, any layout)."""
-    from .init import initialize_weights
-    from .mapping import mark_tensor_parallel_attributes
-
-    model = RatPlusLM(m, ctx, params_dtype=params_dtype)
-    mark_tensor_parallel_attributes(model)
-    initialize_weights(model, seed=seed)
-    return model

@@ -1,8 +1,8 @@
-"""The RAT+ temporal mixer on megatron-core layers (RATPLUS_SPEC.md §1.2).
+"""The RAT+ temporal mixer on megatron-core layers (docs/spec.md §1.2).
 
 The fused input projection is column parallel and stored rank-major: TP rank r holds the rows
 ``[o_r | q_r | k_r | v_r | g_r]``, the same heads of all five slices, so the recurrence and the attention
-are per head and need no communication. ``model/mapping.py`` converts to and from the reference layout.
+are per head and need no communication. ``reference_layout.py`` states the cut.
 """
 
 from __future__ import annotations
@@ -20,11 +20,6 @@ def no_init(_weight: torch.Tensor) -> None:
     """megatron-core wants an init method; weights are set layout-free by ``model/init.py`` instead."""
 
 
-def fused_slices(m: ModelConfig) -> int:
-    """Slices of the fused input projection: o, q, k, v and, with the recurrence, the gate g."""
-    return 5 if m.apply_recurrence else 4
-
-
 class ParallelMixer(nn.Module):
     def __init__(self, m: ModelConfig, layer_idx: int, ctx: ParallelContext, mp_config):
         super().__init__()
@@ -34,7 +29,7 @@ class ParallelMixer(nn.Module):
         self.recurrence = m.apply_recurrence
         self.rope_theta = m.rope_theta
         self.pattern = m.layer_patterns()[layer_idx]
-        self.in_proj = mc_tp.ColumnParallelLinear(m.hidden_size, fused_slices(m) * m.hidden_size, config=mp_config,
+        self.in_proj = mc_tp.ColumnParallelLinear(m.hidden_size, m.fused_slices * m.hidden_size, config=mp_config,
                                                   init_method=no_init, bias=False, gather_output=False)
         self.out_proj = mc_tp.RowParallelLinear(m.hidden_size, m.hidden_size, config=mp_config, init_method=no_init,
                                                 bias=False, input_is_parallel=True, skip_bias_add=True)

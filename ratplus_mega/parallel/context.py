@@ -99,6 +99,10 @@ class ParallelContext:
         """Where this rank computes and communicates: its CUDA device, or the CPU (gloo)."""
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
+    def sizes(self) -> dict[str, int]:
+        """The layout as checkpoints record it."""
+        return {"tp": self.tp, "pp": self.pp, "cp": self.cp, "dp": self.dp}
+
     @property
     def is_first_stage(self) -> bool:
         return self.pp_rank == 0
@@ -122,5 +126,5 @@ class ParallelContext:
             pipeline_dtype=params_dtype,
             use_cpu_initialization=True,
             perform_initialization=False,
-            batch_p2p_comm=False,  # gloo: batched P2P silently swaps tensors (DESIGN.md)
+            batch_p2p_comm=False,  # gloo: batched P2P silently swaps tensors (docs/parallelism.md)
         )

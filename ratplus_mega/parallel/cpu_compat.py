@@ -1,6 +1,6 @@
 """megatron-core on CPU/gloo: the few patches its layers and schedules need when CUDA is absent.
 
-Measured with megatron-core 0.16.x (DESIGN.md "megatron-core on CPU/gloo"): non-sequence-parallel TP layers
+Measured with megatron-core 0.16.x (docs/parallelism.md, "On CPU (gloo)"): non-sequence-parallel TP layers
 work unpatched; sequence parallel allocates its gather buffers on ``torch.cuda.current_device()``; the RNG
 tracker (activation recompute) saves and restores CUDA generator states; the pipeline schedules allocate a
 token counter with ``device="cuda"``. Each patch replaces exactly one of those and is applied only when

@@ -1,4 +1,4 @@
-"""The ``mpu`` object DeepSpeed asks for, with the semantics DESIGN.md "Parallelism" records.
+"""The ``mpu`` object DeepSpeed asks for, with the semantics docs/parallelism.md records.
 
 - "model parallel" is tensor x pipeline parallel: DeepSpeed names checkpoint files ``mp_rank_XX`` by this
   rank and all-reduces the gradient norm over this group (a TP-only answer would make pipeline stages

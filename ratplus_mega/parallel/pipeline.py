@@ -1,7 +1,7 @@
 """Pipeline parallel: megatron-core's 1F1B schedule over our stage modules, and the tied-embedding finalize.
 
-DeepSpeed steps the optimizer; megatron-core owns forward and backward across stages (DESIGN.md "Who owns
-backward"). The schedule runs on ``engine.module``, never on the engine: through the engine megatron would
+DeepSpeed steps the optimizer; megatron-core owns forward and backward across stages (docs/parallelism.md,
+"Who owns backward"; ``train/runner.py`` drives it). The schedule runs on ``engine.module``, never on the engine: through the engine megatron would
 read DeepSpeed's config and DeepSpeed's hooks would divide gradients by the accumulation count a second time.
 After the schedule, :func:`finalize_tied_embedding` makes the first stage's embedding gradient and the last
 stage's head-copy gradient both equal their sum, so the two copies stay bitwise equal after every step.
@@ -14,10 +14,8 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
-from ..model.lm import RatPlusLM
 
-
-def forward_backward(model: RatPlusLM, micro_batches: Iterable[dict[str, torch.Tensor]], *, num_microbatches: int,
+def forward_backward(model: torch.nn.Module, micro_batches: Iterable[dict[str, torch.Tensor]], *, num_microbatches: int,
                      seq_len: int, micro_batch_size: int, attention_mode: str = "sparse",
                      forward_only: bool = False) -> list[torch.Tensor]:
     """Run the pipeline schedule over ``num_microbatches`` batches of ``input_ids``/``labels`` (B, T).
@@ -44,7 +42,7 @@ def _report_loss(loss: torch.Tensor):
     return loss, {"loss": loss.detach().clone()}
 
 
-def finalize_tied_embedding(model: RatPlusLM) -> None:
+def finalize_tied_embedding(model: torch.nn.Module) -> None:
     """Sum the tied embedding's gradients over the first and last stage (no-op with one stage)."""
     ctx = model.ctx
     if ctx.pp == 1 or not (model.pre_process or model.post_process):
@@ -55,7 +53,7 @@ def finalize_tied_embedding(model: RatPlusLM) -> None:
     dist.all_reduce(weight.grad, group=ctx.embedding_group)
 
 
-def mark_tied_copy(model: RatPlusLM) -> None:
+def mark_tied_copy(model: torch.nn.Module) -> None:
     """Tell DeepSpeed the last stage's head copy duplicates the embedding, so the gradient norm counts it
     once (``ds_pipe_replicated``). Call before ``deepspeed.initialize``."""
     if model.post_process and not model.pre_process:

@@ -15,10 +15,6 @@ from pathlib import Path
 
 import torch
 
-STEP = re.compile(r"^step (\d+)/\d+ loss (\S+)(?: dense (\S+))?")
-VAL = re.compile(r"^validation step \d+ \[(\S+)\] loss (\S+) ppl (\S+)")
-
-
 @dataclass
 class QuickstartOptions:
     out: Path = Path("runs/quickstart")
@@ -95,9 +91,20 @@ def _train(out: Path, overrides: list[str], what: str) -> dict:
     (out / "train.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"{what} failed (exit {proc.returncode}); the log is {out / 'train.log'}")
-    steps = [(int(m[1]), float(m[2]), float(m[3]) if m[3] else None)
-             for m in map(STEP.match, proc.stdout.splitlines()) if m]
-    val = {m[1]: float(m[2]) for m in map(VAL.match, proc.stdout.splitlines()) if m}
+    return _read_run(out)
+
+
+def _read_run(out: Path) -> dict:
+    """The training curve (step, loss under the run's pattern, dense loss or None) and the last validation's
+    loss per pattern name, from the run's metrics.jsonl."""
+    from ..train.metrics import read_metrics
+
+    steps = []
+    for r in read_metrics(out, "train"):
+        sparse = next(v for k, v in r.items() if k.startswith("train/loss_") and k != "train/loss_dense")
+        steps.append((r["step"], sparse, r.get("train/loss_dense")))
+    last_val = (read_metrics(out, "val") or [{}])[-1]
+    val = {k[len("val/loss_"):]: v for k, v in last_val.items() if k.startswith("val/loss_")}
     return {"steps": steps, "val": val}
 
 

@@ -1,9 +1,7 @@
 """DeepSpeed engine set-up for a run: config, optimizer groups, precision, activation checkpointing.
 
-Rules from DESIGN.md: the lr schedule is ours (no DeepSpeed scheduler); fp32 master weights, optimizer state
-and gradient accumulation with bf16 compute on GPU, plain fp32 on CPU; under pipeline parallelism the engine
-neither reduces nor rescales per micro-batch (megatron-core's schedule owns backward), ZeRO-0 is refused
-there because DeepSpeed's ZeRO-0 clipping ignores ``ds_pipe_replicated``.
+The lr schedule is ours (no DeepSpeed scheduler); fp32 master weights, optimizer state and gradient
+accumulation with bf16 compute on GPU, plain fp32 on CPU; the step runner adds what its layout needs.
 """
 
 from __future__ import annotations
@@ -17,6 +15,7 @@ from ..config.schema import RunConfig
 from ..model.block import ParallelBlock
 from ..model.lm import RatPlusLM
 from ..parallel.context import ParallelContext
+from .runner import EngineRunner
 
 
 def gradient_accumulation_steps(cfg: RunConfig, ctx: ParallelContext) -> int:
@@ -31,11 +30,8 @@ def gradient_accumulation_steps(cfg: RunConfig, ctx: ParallelContext) -> int:
     return t.global_batch_size // per_step
 
 
-def deepspeed_config(cfg: RunConfig, ctx: ParallelContext) -> dict:
+def deepspeed_config(cfg: RunConfig, ctx: ParallelContext, runner: EngineRunner) -> dict:
     t, p = cfg.train, cfg.parallel
-    if ctx.pp > 1 and p.zero_stage != 1:
-        raise ValueError("parallel.zero_stage: pipeline parallel runs with ZeRO-1 (DeepSpeed's ZeRO-0 clipping "
-                         "counts the tied embedding twice; ZeRO-2 under megatron-core's schedule is not verified)")
     accum = gradient_accumulation_steps(cfg, ctx)
     bf16 = t.precision == "bf16"
     config = {
@@ -54,8 +50,7 @@ def deepspeed_config(cfg: RunConfig, ctx: ParallelContext) -> dict:
     }
     if bf16:
         config["data_types"] = {"grad_accum_dtype": "fp32"}
-    if ctx.pp > 1:
-        config["managed_gradient_accumulation"] = False
+    config.update(runner.deepspeed_config)
     return config
 
 
@@ -75,18 +70,17 @@ def apply_activation_checkpointing(model: RatPlusLM) -> None:
             block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
 
 
-def build_engine(cfg: RunConfig, ctx: ParallelContext, model: RatPlusLM):
-    """Wrap ``model`` in a DeepSpeed engine with the run's optimizer and precision."""
+def build_engine(cfg: RunConfig, ctx: ParallelContext, model: RatPlusLM, runner: EngineRunner):
+    """Wrap ``model`` in a DeepSpeed engine with the run's optimizer and precision, for ``runner``'s layout."""
     import deepspeed
 
     from ..parallel.deepspeed_mpu import DeepSpeedMpu
-    from ..parallel.pipeline import mark_tied_copy
 
-    mark_tied_copy(model)
+    runner.prepare(model)
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     groups = parameter_groups(model, cfg.train.decay_all_parameters, cfg.train.weight_decay)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=deepspeed_config(cfg, ctx),
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=deepspeed_config(cfg, ctx, runner),
                                       mpu=DeepSpeedMpu(ctx))
     return engine
 

@@ -9,17 +9,11 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
-from ..model.lm import IGNORE_INDEX, RatPlusLM
-from ..parallel.context import ParallelContext
-from ..parallel.pipeline import forward_backward
+from ..batch import IGNORE_INDEX, Batch
+from ..model.lm import RatPlusLM
+from .runner import EngineRunner
 
 Pattern = tuple[int, int, int]
-
-
-def pattern_name(patterns: list[Pattern]) -> str:
-    """'dense', 'D16-W256-P4', or a per-layer list of such names."""
-    names = ["dense" if d == 1 else f"D{d}-W{w}-P{p}" for d, w, p in patterns]
-    return names[0] if len(set(names)) == 1 else "per-layer:" + ",".join(names)
 
 
 @contextlib.contextmanager
@@ -36,27 +30,21 @@ def patterns_set(model: RatPlusLM, patterns: list[Pattern]):
 
 
 @torch.no_grad()
-def evaluate(model: RatPlusLM, batches: Iterable[dict[str, torch.Tensor]], patterns: list[Pattern],
-             ctx: ParallelContext, *, seq_len: int) -> dict[str, float]:
+def evaluate(runner: EngineRunner, model: RatPlusLM, batches: Iterable[Batch], patterns: list[Pattern]
+             ) -> dict[str, float]:
     """Token-weighted mean loss and perplexity over ``batches`` under ``patterns``, over all DP ranks."""
+    ctx = runner.ctx
     was_training = model.training
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64)  # loss * tokens, tokens
+    total = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss * tokens, tokens
     with patterns_set(model, patterns):
         for batch in batches:
-            tokens = (batch["labels"] != IGNORE_INDEX).sum().item()
-            if ctx.pp > 1:
-                losses = forward_backward(model, [batch], num_microbatches=1, seq_len=seq_len,
-                                          micro_batch_size=batch["input_ids"].shape[0], forward_only=True)
-                loss = losses[0].item() if losses else 0.0
-            else:
-                loss = model(batch["input_ids"], batch["labels"]).item()
-            if model.post_process:
-                total += torch.tensor([loss * tokens, tokens], dtype=torch.float64)
+            loss = runner.eval_loss(model, batch)
+            if loss is not None:
+                tokens = (batch["labels"] != IGNORE_INDEX).sum().to(ctx.device, torch.float64)
+                total += torch.stack([loss.double() * tokens, tokens])
     model.train(was_training)
-    total = total.to(ctx.device)
-    if ctx.pp > 1:
-        dist.broadcast(total, src=dist.get_global_rank(ctx.pp_group, ctx.pp - 1), group=ctx.pp_group)
+    total = runner.from_last_stage(total)
     if ctx.dp > 1:
         dist.all_reduce(total, group=ctx.dp_group)
     loss = (total[0] / total[1].clamp(min=1)).item()

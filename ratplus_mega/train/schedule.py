@@ -1,4 +1,4 @@
-"""Learning-rate schedule of RATPLUS_SPEC.md §2.4, computed client-side once per global batch.
+"""Learning-rate schedule of docs/spec.md §2.4, computed client-side once per global batch.
 
 DeepSpeed steps a scheduler handed to it at every optimizer step — twice per batch in joint training — and
 its ``WarmupCosineLR`` has another warmup shape and floor, so the driver sets the lr itself before each step.

@@ -1,31 +1,27 @@
 """Weights only, for the adaptation phase: from an HF folder (any layout) or a committed training
-checkpoint of the same layout. The optimizer starts fresh (RATPLUS_SPEC.md §3)."""
+checkpoint of the same layout. The optimizer starts fresh (docs/spec.md §3)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..checkpoint import latest_checkpoint, read_marker
-from ..checkpoint.store import MARKER
+from ..checkpoint import check_same_model_layout, load_module_weights, resolve_checkpoint
 from ..model.mapping import load_reference_state_dict
 
 
-def load_pretrained_weights(engine, source: str | None, layout: dict) -> None:
+def load_pretrained_weights(engine, source: str | None, *, tp: int, pp: int) -> None:
     if not source:
         raise ValueError("train.init_from: the adaptation phase needs a pretraining checkpoint or an HF folder")
     path = Path(source)
     if (path / "config.json").is_file():
         _load_hf_folder(engine.module, path)
         return
-    checkpoint = path if (path / MARKER).is_file() else latest_checkpoint(path)
-    if checkpoint is None:
-        raise ValueError(f"train.init_from: {source} is neither an HF folder nor holds a committed checkpoint")
-    saved = read_marker(checkpoint)["layout"]
-    if saved["tp"] != layout["tp"] or saved["pp"] != layout["pp"]:
-        raise ValueError(f"train.init_from: {checkpoint} has another tensor/pipeline layout than this run; export "
-                         "it to an HF folder first (ratplus export-hf) and start from that")
-    engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name, load_module_only=True,
-                           load_optimizer_states=False, load_lr_scheduler_states=False)
+    try:
+        checkpoint = resolve_checkpoint(path, key="train.init_from")
+    except ValueError:
+        raise ValueError(f"train.init_from: {source} is neither an HF folder nor holds a committed checkpoint") from None
+    check_same_model_layout(checkpoint, tp=tp, pp=pp, key="train.init_from")
+    load_module_weights(engine, checkpoint)
 
 
 def _load_hf_folder(model, path: Path) -> None:

@@ -238,3 +238,8 @@ def test_dump_reload_round_trip(tmp_path):
     assert reloaded.model.preset is None and reloaded.model == ModelConfig(**{
         **vars(preset_cfg.model), "preset": None})
     assert yaml.safe_load(text)["model"]["ffn_hidden_size"] == 256
+
+
+def test_context_parallel_is_refused_until_it_is_implemented():
+    with pytest.raises(ConfigLoadError, match="parallel.context_parallel.*not implemented yet"):
+        load_config("configs/train/tiny-cpu.yaml", ["parallel.context_parallel=2"])

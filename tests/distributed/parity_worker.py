@@ -23,7 +23,8 @@ from ratplus_mega.hf import RatPlusForCausalLM
 from ratplus_mega.kernels.testing import compare
 from ratplus_mega.model import build_model
 from ratplus_mega.model.init import reference_init_state_dict
-from ratplus_mega.model.mapping import reference_config, to_reference_state_dict
+from ratplus_mega.model.mapping import to_reference_state_dict
+from ratplus_mega.reference_layout import reference_config
 from ratplus_mega.parallel import ParallelContext
 from ratplus_mega.parallel.broadcast import broadcast_batch
 

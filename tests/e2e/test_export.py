@@ -2,8 +2,6 @@
 validation windows, exactly the validation losses the trainer logged (an independent end-to-end check of the
 consolidation: the trainer computed them with its own sharded model)."""
 
-import re
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from ratplus_mega.cli import main
 from ratplus_mega.data.eval_reader import build_val_reader
 from ratplus_mega.data.streaming import DataLayout
+from ratplus_mega.train.metrics import read_metrics
 
 from .test_train import _run, _torchrun, _train_cmd
 
@@ -44,8 +43,8 @@ def test_export_reproduces_the_logged_validation_losses(tiny_shards, tmp_path, l
                       "train.precision=fp32", *overrides)
     run = _run(args) if nproc == 1 else _torchrun(nproc, args[3:])
     assert run.returncode == 0, run.stderr[-3000:]
-    logged = {name: float(loss) for name, loss in
-              re.findall(r"validation step 2 \[(\S+)\] loss (\S+)", run.stdout)}
+    [validation] = read_metrics(tmp_path / "run", "val")
+    logged = {k[len("val/loss_"):]: v for k, v in validation.items() if k.startswith("val/loss_")}
     assert set(logged) == {"dense", "D8-W0-P0"}
 
     out = tmp_path / "hf"
@@ -61,7 +60,7 @@ def test_export_refuses_a_folder_without_a_committed_checkpoint(tmp_path, capsys
     assert "no committed checkpoint" in capsys.readouterr().err
 
 
-def test_generate_from_a_training_run_equals_generate_from_its_export(tiny_shards, tmp_path):
+def test_generate_from_a_training_run_equals_generate_from_its_export(tiny_shards, tmp_path, cli_imports):
     from ratplus_mega.inference.generate import generate_text
 
     run = _run(_train_cmd(tiny_shards, tmp_path / "run", "train.train_tokens=2048",
@@ -72,3 +71,11 @@ def test_generate_from_a_training_run_equals_generate_from_its_export(tiny_shard
     direct = generate_text(tmp_path / "run", "Document 3. The river", max_new_tokens=8)
     exported = generate_text(tmp_path / "hf", "Document 3. The river", max_new_tokens=8)
     assert direct.text == exported.text and direct.new_tokens == 8
+
+    # Export needs no megatron-core (only DeepSpeed's ZeRO consolidation); generating needs neither.
+    code, loaded, err = cli_imports(["export-hf", "--checkpoint", tmp_path / "run", "--out", tmp_path / "hf2",
+                                     "--dtype", "fp32"], block=("megatron",))
+    assert code == 0 and "megatron" not in loaded, err[-2000:]
+    code, loaded, err = cli_imports(["generate", "--model", tmp_path / "hf2", "--prompt", "Document 3. The river",
+                                     "--max-new-tokens", "4"], block=("megatron", "deepspeed"))
+    assert code == 0 and loaded == [], err[-2000:]

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from ratplus_mega.train.metrics import read_metrics
+
 REPO = Path(__file__).resolve().parents[2]
-STEP_LINE = re.compile(r"^step (\d+)/(\d+) loss (\S+) dense (\S+)")
+STEP_LINE = re.compile(r"^step (\d+)/(\d+) ")  # the console's progress line: a sign of life, never parsed for values
 
 
 _LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -39,13 +41,17 @@ def _port_env():
         return {"MASTER_PORT": str(s.getsockname()[1])}
 
 
-def _losses(text: str) -> dict[int, tuple[str, str]]:
-    """Step -> (sparse loss, dense loss) as printed; a step printed twice (redone after a resume) keeps the last."""
-    out = {}
-    for line in text.splitlines():
-        if m := STEP_LINE.match(line):
-            out[int(m.group(1))] = (m.group(3), m.group(4))
-    return out
+def _losses(out: Path) -> dict[int, tuple[float, float | None]]:
+    """Step -> (loss under the configured sparse pattern, dense loss or None) from the run's metrics.jsonl."""
+    losses = {}
+    for r in read_metrics(out, "train"):
+        sparse = next(v for k, v in r.items() if k.startswith("train/loss_") and k != "train/loss_dense")
+        losses[r["step"]] = (sparse, r.get("train/loss_dense"))
+    return losses
+
+
+def _validation(out: Path, step: int) -> dict:
+    return next(r for r in read_metrics(out, "val") if r["step"] == step)
 
 
 def _torchrun(nproc: int, cli_args: list[str]):
@@ -65,16 +71,16 @@ def reference_run(tiny_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
     proc = _run(_train_cmd(tiny_shards, out))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    losses = _losses(proc.stdout)
+    losses = _losses(out)
     assert sorted(losses) == list(range(1, 17))
-    return losses, proc.stdout
+    return losses, out
 
 
 def test_joint_pretraining_learns_and_validates(reference_run):
-    losses, stdout = reference_run
-    first, last = float(losses[1][0]), float(losses[16][0])
+    losses, out = reference_run
+    first, last = losses[1][0], losses[16][0]
     assert last < first - 0.5, (first, last)  # 16 steps of a 512-token vocabulary: well below ln(512)
-    assert "validation step 16 [dense]" in stdout and "validation step 16 [D8-W0-P0]" in stdout
+    assert {"val/loss_dense", "val/loss_D8-W0-P0"} <= set(_validation(out, 16))
 
 
 @pytest.mark.slow
@@ -82,25 +88,22 @@ def test_sigkill_at_random_moments_then_resume_gives_the_same_losses(tiny_shards
     """Killed three times at random moments (saves happen every 2 steps, so some kills land inside a save),
     resumed each time: every step's losses equal the uninterrupted run's, so no sample was repeated or skipped."""
     expected, _ = reference_run
-    rng, printed = random.Random(0), ""
+    rng = random.Random(0)
     for _ in range(3):
         proc = subprocess.Popen(_train_cmd(tiny_shards, tmp_path), cwd=REPO, env={**_env(), **_port_env()},
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         deadline = time.monotonic() + 300
         for line in proc.stdout:  # wait until training is under way, then kill after a random delay
-            printed += line
             if STEP_LINE.match(line):
                 break
             assert time.monotonic() < deadline
         time.sleep(rng.uniform(0.0, 2.0))
         proc.send_signal(signal.SIGKILL)
-        printed += proc.stdout.read()
         proc.wait()
     final = _run(_train_cmd(tiny_shards, tmp_path))
     assert final.returncode == 0, final.stderr[-3000:]
     assert "resumed from" in final.stdout
-    got = _losses(printed + final.stdout)
-    assert got == expected
+    assert _losses(tmp_path) == expected  # every step once, resumed ones included, bitwise
 
 
 def test_sigterm_saves_a_committed_checkpoint_and_exits_zero(tiny_shards, tmp_path):
@@ -132,11 +135,11 @@ def test_two_data_parallel_ranks_equal_one_rank(single_document_shards, tmp_path
     assert one.returncode == 0, one.stderr[-3000:]
     two = _torchrun(2, _train_cmd(single_document_shards, tmp_path / "two", "data.val=null")[3:])
     assert two.returncode == 0, two.stderr[-3000:]
-    expected, got = _losses(one.stdout), _losses(two.stdout)
+    expected, got = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(got) == sorted(expected) == list(range(1, 17))
     for step, (sparse, dense) in expected.items():
-        assert float(got[step][0]) == pytest.approx(float(sparse), abs=2e-4), step
-        assert float(got[step][1]) == pytest.approx(float(dense), abs=2e-4), step
+        assert got[step][0] == pytest.approx(sparse, abs=2e-4), step
+        assert got[step][1] == pytest.approx(dense, abs=2e-4), step
 
 
 def test_resume_refuses_a_checkpoint_of_another_model(tiny_shards, tmp_path):
@@ -170,11 +173,11 @@ def test_adaptation_starts_from_the_pretrained_weights(tiny_shards, tmp_path, re
                             "model.pattern.window=8", "model.pattern.sinks=2", "data.sampler=random_offset",
                             "train.lr=3e-4", "train.warmup_fraction=0", "train.train_tokens=4096"))
     assert adapt.returncode == 0, adapt.stderr[-3000:]
-    lines = [line for line in adapt.stdout.splitlines() if line.startswith("step ")]
-    assert len(lines) == 4 and " dense " not in lines[0]
-    first_loss = float(lines[0].split()[3])
+    records = read_metrics(tmp_path / "adapt", "train")
+    assert len(records) == 4 and "train/loss_dense" not in records[0]
+    first_loss = records[0]["train/loss_D4-W8-P2"]
     assert first_loss < float(reference_run[0][16][0]) + 0.5, first_loss
-    assert "validation step 4 [D4-W8-P2]" in adapt.stdout
+    assert "val/loss_D4-W8-P2" in _validation(tmp_path / "adapt", 4)
 
 
 @pytest.mark.multiproc
@@ -182,7 +185,7 @@ def test_adaptation_starts_from_the_pretrained_weights(tiny_shards, tmp_path, re
 def test_two_pipeline_stages_equal_one_stage(tiny_shards, tmp_path, reference_run):
     """PP = 2 (ZeRO-1): one reader feeds both stages by broadcast, megatron-core's schedule runs the passes;
     losses and per-pattern validation equal the one-process run, and a resumed run continues the same."""
-    expected, reference_stdout = reference_run
+    expected, reference_out = reference_run
     args = _train_cmd(tiny_shards, tmp_path, "parallel.pipeline_parallel=2", "parallel.zero_stage=1",
                       "train.eval_interval=16")[3:]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
@@ -198,11 +201,10 @@ def test_two_pipeline_stages_equal_one_stage(tiny_shards, tmp_path, reference_ru
     rest = _torchrun(2, args)
     assert rest.returncode == 0, rest.stderr[-3000:]
     assert "resumed from" in rest.stdout
-    got = _losses(printed + rest.stdout)
+    got = _losses(tmp_path)
     assert sorted(got) == sorted(expected)
     for step, (sparse, dense) in expected.items():
-        assert float(got[step][0]) == pytest.approx(float(sparse), abs=2e-4), step
-        assert float(got[step][1]) == pytest.approx(float(dense), abs=2e-4), step
-    want = re.search(r"validation step 16 \[dense\] loss (\S+)", reference_stdout).group(1)
-    have = re.search(r"validation step 16 \[dense\] loss (\S+)", rest.stdout).group(1)
-    assert float(have) == pytest.approx(float(want), abs=2e-4)
+        assert got[step][0] == pytest.approx(sparse, abs=2e-4), step
+        assert got[step][1] == pytest.approx(dense, abs=2e-4), step
+    want = _validation(reference_out, 16)["val/loss_dense"]
+    assert _validation(tmp_path, 16)["val/loss_dense"] == pytest.approx(want, abs=2e-4)

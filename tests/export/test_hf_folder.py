@@ -14,7 +14,7 @@ from ratplus_mega.export.hf_folder import write_hf_folder
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-FP32_VALUES = 1e-5  # DESIGN.md, relative to the reference's scale
+FP32_VALUES = 1e-5  # docs/decisions.md "Tests", relative to the reference's scale
 HF_CODE = Path(__file__).resolve().parents[2] / "ratplus_mega" / "hf"
 
 
@@ -167,7 +167,7 @@ def train_sentencepiece(folder: Path, name: str, **options) -> Path:
 
 @pytest.fixture(scope="module")
 def sp_identity(tmp_path_factory):
-    """A byte-fallback BPE model with the lossless settings of DESIGN.md (identity normalisation)."""
+    """A byte-fallback BPE model with the lossless settings of docs/decisions.md (identity normalisation)."""
     return train_sentencepiece(tmp_path_factory.mktemp("sp"), "identity", normalization_rule_name="identity",
                                remove_extra_whitespaces=False, allow_whitespace_only_pieces=True)
 

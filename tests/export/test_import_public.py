@@ -17,8 +17,8 @@ from ratplus_mega.hf import RatPlusConfig, RatPlusForCausalLM
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-FP32_VALUES = 1e-5  # DESIGN.md, relative to the reference's scale
-D, LAYERS, VOCAB, FFN = 256, 2, 97, 384  # head dim 128 -> 2 heads
+FP32_VALUES = 1e-5  # docs/decisions.md "Tests", relative to the reference's scale
+D, LAYERS, VOCAB, FFN = 256, 2, 97, 384  # head dim 128 -> 2 heads (64 -> 4)
 
 
 def public_state(recurrence: bool = True, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -44,9 +44,20 @@ def public_state(recurrence: bool = True, seed: int = 0) -> dict[str, torch.Tens
     return sd
 
 
+def public_config(d_head=128, **seq_cell) -> dict:
+    """The public trainer's resolved config, as far as the importer reads it: the attention layer's section
+    ``model.backbone.seq_cell`` (its ``num_head`` is ``d_model // d_head``) beside others it ignores."""
+    layer = {"_name_": "ratplus", "d_model": D, "d_head": d_head, "num_head": D // d_head if d_head else None,
+             "dilation_size": 64, "local_size": 0, "initial_size": 0, "apply_re": True, "joint_train": True}
+    layer.update(seq_cell)
+    return {"model": {"backbone": {"n_layer": LAYERS, "seq_cell": layer, "hidden_cell": {"d_model": D}},
+                      "embedding": {"vocab_size": VOCAB}},
+            "trainer": {"dtype": "bfloat16"}}
+
+
 def save_checkpoint(path, state, **extra):
     """As the public trainer does: weights under 'task' beside a config and training state."""
-    ckpt = {"task": state, "config": {"model": {"d_model": D, "dilation_size": 64}, "trainer": {"dtype": "bfloat16"}},
+    ckpt = {"task": state, "config": public_config(),
             "step": 52451, "optimizer": {"state": {}, "param_groups": [{"lr": 8e-4, "params": [0]}]},
             "lr_scheduler": {"last_epoch": 3}, "resume_kwargs": {"resume_step": 52451}}
     ckpt.update(extra)
@@ -59,10 +70,11 @@ def public(state, key):
     return next(v for k, v in state.items() if k.replace("_orig_mod.", "") == key)
 
 
-def hand_built(state, recurrence=True, **pattern) -> RatPlusForCausalLM:
+def hand_built(state, recurrence=True, head_dim=128, **pattern) -> RatPlusForCausalLM:
     """The reference model with every weight copied from the public tensors by hand."""
-    config = RatPlusConfig(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=2,
-                           head_dim=128, intermediate_size=FFN, apply_recurrence=recurrence, **pattern)
+    config = RatPlusConfig(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=LAYERS,
+                           num_attention_heads=D // head_dim, head_dim=head_dim, intermediate_size=FFN,
+                           apply_recurrence=recurrence, **pattern)
     model = RatPlusForCausalLM(config).eval()
     with torch.no_grad():
         model.model.embed_tokens.weight.copy_(public(state, "embedding.wte.weight"))
@@ -114,6 +126,61 @@ def test_import_gives_hand_built_logits(tmp_path, capsys, assert_close, case):
     x = tokens()
     with torch.no_grad():
         assert_close("logits", loaded(x).logits, ref(x).logits, FP32_VALUES)
+
+
+def test_head_dim_64_is_read_from_the_config(tmp_path, capsys, assert_close):
+    """d_head = 64 (the public layer config's default): 4 heads of 64 on a 256-wide model, whose logits differ
+    from the 2 heads of 128 the importer once assumed."""
+    state = public_state()
+    ckpt = save_checkpoint(tmp_path / "a.pth", state, config=public_config(d_head=64))
+    out = tmp_path / "hf"
+    assert main(["import-public", "--checkpoint", str(ckpt), "--out", str(out), "--dtype", "fp32",
+                 "--pattern", "4,3,2"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_attention_heads"], config["head_dim"]) == (4, 64)
+    loaded, x = load_folder(out), tokens()
+    with torch.no_grad():
+        got = loaded(x).logits
+        assert_close("logits", got, hand_built(state, head_dim=64, dilation=4, window=3, sinks=2)(x).logits,
+                     FP32_VALUES)
+        wrong = hand_built(state, head_dim=128, dilation=4, window=3, sinks=2)(x).logits
+    assert (got - wrong).abs().max() > 0.1 * wrong.abs().max()
+
+
+def test_head_dim_only_from_the_command_line_for_a_weights_only_file(tmp_path, assert_close):
+    state = public_state()
+    torch.save({"task": state}, tmp_path / "a_wonly.pth")
+    out = tmp_path / "hf"
+    assert main(["import-public", "--checkpoint", str(tmp_path / "a_wonly.pth"), "--out", str(out), "--dtype", "fp32",
+                 "--head-dim", "64"]) == 0
+    x = tokens()
+    with torch.no_grad():
+        assert_close("logits", load_folder(out)(x).logits, hand_built(state, head_dim=64)(x).logits, FP32_VALUES)
+
+
+HEAD_REFUSALS = {
+    "d-model-differs": (dict(config=public_config(d_model=512)), [],
+                        r"says d_model 512, but the tensors are 256 wide"),
+    "heads-times-dim": (dict(config=public_config(d_head=64, num_head=2)), [],
+                        r"num_head 2 x d_head 64 = 128, but the tensors are 256 wide"),
+    "num-head-only-not-dividing": (dict(config=public_config(d_head=None, num_head=3)), [],
+                                   r"num_head 3, which does not divide the tensors' width 256"),
+    "dim-not-dividing": (dict(config=public_config(d_head=96, num_head=None)), [],
+                         r"hidden size 256 is not a multiple of the head dim 96"),
+    "no-config": (dict(config=None), [], r"gives no d_head or num_head; pass --head-dim"),
+    "flag-disagrees": ({}, ["--head-dim", "64"], r"--head-dim 64 disagrees with .* which gives head dim 128"),
+}
+
+
+@pytest.mark.parametrize("case", list(HEAD_REFUSALS), ids=list(HEAD_REFUSALS))
+def test_config_and_tensors_that_disagree_are_refused(tmp_path, capsys, case):
+    extra, flags, message = HEAD_REFUSALS[case]
+    ckpt = save_checkpoint(tmp_path / "a.pth", public_state(), **extra)
+    assert main(["import-public", "--checkpoint", str(ckpt), "--out", str(tmp_path / "hf"), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ratplus import-public: error: public checkpoint:") and len(err.splitlines()) == 1, err
+    assert re.search(message, err), err
+    assert not (tmp_path / "hf").exists()
 
 
 def test_pattern_file_per_layer(tmp_path, assert_close):
@@ -218,16 +285,24 @@ def fake_module(monkeypatch, name: str, cls_name: str, base: type = object) -> t
 def test_easydict_config_loads_without_easydict(tmp_path, monkeypatch):
     """The public trainer stores its config as an EasyDict (a dict subclass with mirrored attributes); the
     importer reads it as a plain mapping, whether or not easydict is installed."""
-    from ratplus_mega.export import load_public_checkpoint
+    from ratplus_mega.export import load_public_checkpoint, public_to_hf
 
     easy = fake_module(monkeypatch, "easydict", "EasyDict", dict)
-    config = easy(model={"d_model": D})
-    config.model = {"d_model": D}  # EasyDict mirrors items as attributes: the pickle carries both
+
+    def easydict(**items):  # EasyDict mirrors items as attributes: the pickle carries both
+        value = easy(**items)
+        value.__dict__.update(items)
+        return value
+
+    layer = easydict(d_model=D, d_head=64, num_head=4)
+    config = easydict(model=easydict(backbone=easydict(seq_cell=layer)), trainer=easydict(dtype="bfloat16"))
     state = public_state()
     ckpt = save_checkpoint(tmp_path / "a.pth", state, config=config)
     monkeypatch.delitem(sys.modules, "easydict")
     loaded = load_public_checkpoint(ckpt)
     assert set(loaded) == set(state) and all(torch.equal(loaded[k], state[k]) for k in state)
+    config, _ = public_to_hf(ckpt)
+    assert (config.num_attention_heads, config.head_dim) == (4, 64)
 
 
 def test_allow_listed_class_that_is_not_installed_says_what_to_install(tmp_path, monkeypatch):
@@ -266,3 +341,10 @@ def test_bad_pattern_files(tmp_path, capsys, text, match):
     assert main(["import-public", "--checkpoint", str(ckpt), "--out", str(tmp_path / "hf"),
                  "--pattern-file", str(tmp_path / "p.yaml")]) == 2
     assert match in capsys.readouterr().err
+
+
+def test_import_public_imports_neither_megatron_nor_deepspeed(tmp_path, cli_imports):
+    ckpt = save_checkpoint(tmp_path / "a.pth", public_state())
+    code, loaded, err = cli_imports(["import-public", "--checkpoint", ckpt, "--out", tmp_path / "hf"],
+                                    block=("megatron", "deepspeed"))
+    assert code == 0 and loaded == [], err[-2000:]

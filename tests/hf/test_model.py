@@ -1,4 +1,4 @@
-"""The reference model against a forward written out here from RATPLUS_SPEC.md §1, and its compressed decode
+"""The reference model against a forward written out here from docs/spec.md §1, and its compressed decode
 cache (§4.1–§4.3) against that oracle at every position."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from ratplus_mega.hf import RatPlusForCausalLM
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-FP32_VALUES = 1e-5  # DESIGN.md, relative to the reference's scale
+FP32_VALUES = 1e-5  # docs/decisions.md "Tests", relative to the reference's scale
 
 # ------------------------------------------------------------------------------------------------------------
 # The oracle: spec §1 step by step in fp64, with per-step loops instead of the model's vectorised code.

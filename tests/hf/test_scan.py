@@ -9,7 +9,7 @@ from ratplus_mega.hf import gated_scan
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-FP32_VALUES, FP32_GRADS = 1e-5, 1e-4  # DESIGN.md, relative to the reference's scale
+FP32_VALUES, FP32_GRADS = 1e-5, 1e-4  # docs/decisions.md "Tests", relative to the reference's scale
 
 
 def make_inputs(shape, gate_shape, with_state: bool, seed: int):

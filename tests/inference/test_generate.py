@@ -10,7 +10,7 @@ from ratplus_mega.export.hf_folder import write_hf_folder
 from ratplus_mega.hf import RatPlusForCausalLM
 from ratplus_mega.inference.generate import generate_text
 from ratplus_mega.model.init import reference_init_state_dict
-from ratplus_mega.model.mapping import reference_config
+from ratplus_mega.reference_layout import reference_config
 
 TEXT = "the river keeps the stone and the bird sees the light over the road. " * 40
 
@@ -53,14 +53,14 @@ def test_generate_matches_full_forward_argmax_chain(tmp_path):
         assert g.text == expected_text
         total = ids.shape[1] + 12
         assert g.cache_bytes == model.cache_nbytes(total, attention_mode="dense" if dense else "sparse")
-    assert generate_text(folder, prompt, max_new_tokens=4).pattern == "D=4 W=3 P=2"
-    assert generate_text(folder, prompt, max_new_tokens=4, pattern=(8, 0, 1)).pattern == "D=8 W=0 P=1"
+    assert generate_text(folder, prompt, max_new_tokens=4).pattern == "D4-W3-P2"
+    assert generate_text(folder, prompt, max_new_tokens=4, pattern=(8, 0, 1)).pattern == "D8-W0-P1"
 
 
 def test_generate_command_prints_stats_and_refuses_non_folders(tmp_path, capsys):
     folder, _, _ = _folder(tmp_path)
     assert main(["generate", "--model", str(folder), "--prompt", "the bird", "--max-new-tokens", "5"]) == 0
     out = capsys.readouterr().out
-    assert "5 new tokens" in out and "decode cache" in out and "[D=4 W=3 P=2]" in out
+    assert "5 new tokens" in out and "decode cache" in out and "[D4-W3-P2]" in out
     assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2
     assert "neither an HF folder" in capsys.readouterr().err

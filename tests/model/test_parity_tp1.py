@@ -10,7 +10,8 @@ from ratplus_mega.hf import RatPlusForCausalLM
 from ratplus_mega.kernels.testing import compare
 from ratplus_mega.model import build_model
 from ratplus_mega.model.init import reference_init_state_dict
-from ratplus_mega.model.mapping import load_reference_state_dict, reference_config, to_reference_state_dict
+from ratplus_mega.model.mapping import load_reference_state_dict, to_reference_state_dict
+from ratplus_mega.reference_layout import reference_config
 from ratplus_mega.parallel import ParallelContext
 
 

@@ -1,5 +1,5 @@
 """Joint training (sparse step, then dense step on the same micro-batches; one lr per batch) under DeepSpeed
-equals a hand-written loop of RATPLUS_SPEC.md §2.2 on the reference model."""
+equals a hand-written loop of docs/spec.md §2.2 on the reference model."""
 
 
 import pytest
@@ -10,9 +10,11 @@ from ratplus_mega.config import load_config
 from ratplus_mega.hf import RatPlusForCausalLM
 from ratplus_mega.model import build_model
 from ratplus_mega.model.init import reference_init_state_dict
-from ratplus_mega.model.mapping import reference_config, to_reference_state_dict
+from ratplus_mega.model.mapping import to_reference_state_dict
+from ratplus_mega.reference_layout import reference_config
 from ratplus_mega.parallel import ParallelContext
 from ratplus_mega.train.engine import build_engine
+from ratplus_mega.train.runner import build_step_runner
 from ratplus_mega.train.joint import train_step
 
 SEED = 5
@@ -45,7 +47,8 @@ def test_joint_step_matches_hand_written_loop(single_rank, zero_stage, joint):
         "train.micro_batch_size=2", "train.global_batch_size=6", "train.precision=fp32", "train.adam_eps=1e-6",
         f"train.joint={str(joint).lower()}", "train.lr=2e-3"])
     ctx = ParallelContext.initialize(cfg.parallel)
-    engine = build_engine(cfg, ctx, build_model(cfg.model, ctx, seed=SEED))
+    runner = build_step_runner(ctx, seq_len=32)
+    engine = build_engine(cfg, ctx, build_model(cfg.model, ctx, seed=SEED), runner)
     ref = RatPlusForCausalLM(reference_config(cfg.model)).float()
     ref.load_state_dict(reference_init_state_dict(cfg.model, seed=SEED))
     opt = torch.optim.AdamW(ref.parameters(), lr=2e-3, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.1)
@@ -54,7 +57,7 @@ def test_joint_step_matches_hand_written_loop(single_rank, zero_stage, joint):
         tokens = torch.randint(0, cfg.model.vocab_size, (3, 2, 33), generator=g)
         micro = [{"input_ids": t[:, :-1], "labels": t[:, 1:].clone()} for t in tokens]
         micro[0]["labels"][0, :5] = -100
-        got = train_step(engine, micro, lr=lr, joint=joint, ctx=ctx, seq_len=32)
+        got = train_step(runner, engine, micro, lr=lr, joint=joint)
         want = _hand_written_joint_step(ref, opt, micro, lr, joint)
         assert got.sparse.loss == pytest.approx(want[0], rel=1e-5), step
         if joint:

@@ -1,4 +1,4 @@
-"""Learning-rate schedule of RATPLUS_SPEC.md §2.4, checked against the spec's numbers."""
+"""Learning-rate schedule of docs/spec.md §2.4, checked against the spec's numbers."""
 
 import math
 

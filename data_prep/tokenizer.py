@@ -1,4 +1,4 @@
-"""Sentencepiece tokenizer loading with the id checks the data path relies on (RATPLUS_SPEC.md §5.1)."""
+"""Sentencepiece tokenizer loading with the id checks the data path relies on (docs/spec.md §5.1)."""
 
 from __future__ import annotations
 

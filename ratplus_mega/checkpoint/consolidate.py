@@ -1,0 +1,55 @@
+"""A committed checkpoint's weights as one fp32 reference-layout state dict, for any TP/PP layout and ZeRO 0–3.
+
+Each tensor x pipeline rank's fp32 weights are consolidated over its ZeRO partitions with DeepSpeed's
+``zero_to_fp32`` (run on that rank's files alone: it knows nothing of TP/PP), then the TP pieces and the
+pipeline stages are joined through ``reference_layout.py``, the table the training model is sharded by.
+This module is the only one that knows DeepSpeed's file names. DeepSpeed's files are unpickled in full by
+DeepSpeed: consolidate only checkpoints you trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..config.schema import RunConfig
+from ..reference_layout import unshard_pieces
+from .marker import read_marker, run_config
+
+
+def consolidate(checkpoint: Path) -> tuple[RunConfig, dict[str, torch.Tensor]]:
+    """The run config and the fp32 reference-layout state dict (``lm_head.weight`` tied) of ``checkpoint``."""
+    layout = read_marker(checkpoint).layout
+    run = run_config(checkpoint)
+    tp, pp = layout["tp"], layout["pp"]
+    pieces: dict[str, dict[int, torch.Tensor]] = {}
+    for mp_rank in range(tp * pp):
+        tp_rank = mp_rank % tp  # megatron orders a model-parallel group tensor-parallel first
+        for name, tensor in _rank_weights(checkpoint, mp_rank).items():
+            if name != "output_weight":  # the last stage's copy of the tied embedding
+                pieces.setdefault(name, {})[tp_rank] = tensor.float()
+    state = unshard_pieces(run.model, tp, {name: [p[r] for r in range(tp)] for name, p in pieces.items()})
+    return run, state
+
+
+def _rank_weights(checkpoint: Path, mp_rank: int) -> dict[str, torch.Tensor]:
+    # ZeRO 0-2 write mp_rank_XX_model_states.pt; ZeRO-3 one zero_pp_rank_N_mp_rank_XX_model_states.pt per DP rank
+    model_files = sorted(checkpoint.glob(f"*mp_rank_{mp_rank:02d}_model_states.pt"))
+    if not model_files:
+        raise ValueError(f"{checkpoint}: no model states of tensor x pipeline rank {mp_rank} (incomplete checkpoint)")
+    optim_files = sorted(checkpoint.glob(f"*_mp_rank_{mp_rank:02d}_optim_states.pt"))
+    if not optim_files:  # ZeRO-0 without a separate optimizer file: the module holds the weights
+        return torch.load(model_files[0], map_location="cpu", weights_only=False)["module"]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:  # this rank's files alone, where zero_to_fp32 looks
+        view = Path(tmp) / "tag"
+        view.mkdir()
+        for file in (*model_files, *optim_files):
+            (view / file.name).symlink_to(file.resolve())
+        with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 narrates every file
+            return dict(get_fp32_state_dict_from_zero_checkpoint(tmp, tag="tag"))

@@ -1,0 +1,94 @@
+"""One pass of forward and backward for the run's layout, chosen once: the DeepSpeed engine runs it, or
+megatron-core's 1F1B schedule does across pipeline stages. The joint step, validation and the data feed ask
+the runner and never the layout.
+
+Who owns backward: the plain engine (``engine(...)``, ``engine.backward``, ``engine.step``) for data, tensor and
+sequence parallel at ZeRO 0–3. Under pipeline parallel the schedule runs on ``engine.module`` (never on the
+engine: megatron would then read DeepSpeed's config, and DeepSpeed's hooks would divide gradients by the
+accumulation count a second time), with DeepSpeed's managed accumulation off; after the schedule the tied
+embedding's two copies get their summed gradient and ``engine.step`` reduces over data parallel, clips and
+updates.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..batch import Batch
+from ..parallel.context import ParallelContext
+from ..parallel.pipeline import finalize_tied_embedding, forward_backward, mark_tied_copy
+from .feed import BroadcastFeed, DirectFeed
+
+
+class EngineRunner:
+    """Data, tensor and sequence parallel: the DeepSpeed engine runs forward and backward."""
+
+    deepspeed_config: dict = {}
+
+    def __init__(self, ctx: ParallelContext):
+        self.ctx, self.feed = ctx, DirectFeed(ctx)
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        """Called before ``deepspeed.initialize``."""
+
+    def train_pass(self, engine, micro_batches: list[Batch], attention_mode: str) -> torch.Tensor:
+        """Accumulate gradients over ``micro_batches`` and step; the sum of their losses, on every rank."""
+        total = torch.zeros((), device=self.ctx.device)
+        for batch in micro_batches:
+            batch = self._on_device(batch)
+            loss = engine(batch["input_ids"], batch["labels"], attention_mode=attention_mode)
+            engine.backward(loss)
+            engine.step()  # steps the optimizer at the accumulation boundary only
+            total += loss.detach().float()
+        return total
+
+    def eval_loss(self, model, batch: Batch) -> torch.Tensor | None:
+        """The token-mean loss of ``batch`` where the model ends (None on other pipeline stages)."""
+        batch = self._on_device(batch)
+        return model(batch["input_ids"], batch["labels"]).detach().float()
+
+    def from_last_stage(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` as the last pipeline stage holds it, on every stage."""
+        return value
+
+    def _on_device(self, batch: Batch) -> Batch:
+        # The loader yields CPU tensors; DeepSpeed moves the model, never the inputs.
+        return {k: v.to(self.ctx.device, non_blocking=True) for k, v in batch.items()}
+
+
+class PipelineRunner(EngineRunner):
+    """Pipeline parallel: megatron-core's schedule runs forward and backward on ``engine.module``."""
+
+    deepspeed_config = {"managed_gradient_accumulation": False}
+
+    def __init__(self, ctx: ParallelContext, seq_len: int):
+        self.ctx, self.seq_len, self.feed = ctx, seq_len, BroadcastFeed(ctx)
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        mark_tied_copy(model)
+
+    def train_pass(self, engine, micro_batches: list[Batch], attention_mode: str) -> torch.Tensor:
+        losses = self._schedule(engine.module, micro_batches, attention_mode=attention_mode)
+        finalize_tied_embedding(engine.module)
+        engine.step()
+        total = torch.stack(losses).sum() if losses else torch.zeros((), device=self.ctx.device)
+        return self.from_last_stage(total.float())
+
+    def eval_loss(self, model, batch: Batch) -> torch.Tensor | None:
+        losses = self._schedule(model, [batch], forward_only=True)
+        return losses[0].detach().float() if losses else None
+
+    def from_last_stage(self, value: torch.Tensor) -> torch.Tensor:
+        value = value.to(self.ctx.device)
+        dist.broadcast(value, src=dist.get_global_rank(self.ctx.pp_group, self.ctx.pp - 1), group=self.ctx.pp_group)
+        return value
+
+    def _schedule(self, model, micro_batches: list[Batch], **kwargs) -> list[torch.Tensor]:
+        return forward_backward(model, micro_batches, num_microbatches=len(micro_batches), seq_len=self.seq_len,
+                                micro_batch_size=micro_batches[0]["input_ids"].shape[0], **kwargs)
+
+
+def build_step_runner(ctx: ParallelContext, *, seq_len: int) -> EngineRunner:
+    """The runner for this layout (collective: the pipeline runner's feed forms the readers' group)."""
+    return PipelineRunner(ctx, seq_len) if ctx.pp > 1 else EngineRunner(ctx)
