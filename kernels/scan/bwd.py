@@ -1,4 +1,4 @@
-"""Backward of the gated linear recurrence (RATPLUS_SPEC.md §1.2 step 5).
+"""Backward of the gated linear recurrence (docs/spec.md §1.2 step 5).
 
 With Γ_t = ∂ℒ/∂h_t, the reverse recurrence Λ_t = Γ_t + f_{t+1}·Λ_{t+1} (Λ_T = ∂ℒ/∂h_{T-1} from the final
 state, f_T = 1) gives ∂x_t = (1 - f_t)·Λ_t, ∂f_t = (h_{t-1} - x_t)·Λ_t and ∂h_{-1} = f_0·Λ_0. One program per

@@ -1,4 +1,4 @@
-"""Forward of the gated linear recurrence h_t = f_t·h_{t-1} + (1 - f_t)·x_t (RATPLUS_SPEC.md §1.2 step 5).
+"""Forward of the gated linear recurrence h_t = f_t·h_{t-1} + (1 - f_t)·x_t (docs/spec.md §1.2 step 5).
 
 One program per (batch·head, channel block) walks time in chunks of ``BT`` steps. A chunk is loaded as one
 (BT, BC) tile, so all of its loads are in flight together, and scanned in registers with

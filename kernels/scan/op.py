@@ -45,7 +45,7 @@ class GatedScanFunction(torch.autograd.Function):
 
 
 def gated_scan(gate: torch.Tensor, x: torch.Tensor, initial_state: torch.Tensor | None = None):
-    """``h_t = gate_t * h_{t-1} + (1 - gate_t) * x_t`` along time (RATPLUS_SPEC.md §1.2 step 5).
+    """``h_t = gate_t * h_{t-1} + (1 - gate_t) * x_t`` along time (docs/spec.md §1.2 step 5).
 
     Args:
         gate: (B, H, T, C) in (0, 1), float32 or bfloat16.

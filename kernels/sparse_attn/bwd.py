@@ -1,6 +1,6 @@
 """Backward of the (D, W, P) sparse causal attention: FA2 recomputation from the saved LSE, no atomics.
 
-The allowed pairs split into two disjoint kinds (RATPLUS_SPEC.md §1.3):
+The allowed pairs split into two disjoint kinds (docs/spec.md §1.3):
 
 * window pairs, 0 <= q - k <= W;
 * far pairs, q - k > W with k a sink (k < P) or a grid key ((k + 1) % D == 0, k >= P).

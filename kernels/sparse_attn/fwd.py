@@ -1,4 +1,4 @@
-"""Forward of the (D, W, P) sparse causal attention (RATPLUS_SPEC.md §1.3) as one flash-attention kernel.
+"""Forward of the (D, W, P) sparse causal attention (docs/spec.md §1.3) as one flash-attention kernel.
 
 ``allowed(q, k) = k <= q & ((k + 1) % D == 0 | q - k <= W | k < P)`` (D = -1: no grid term; D = 1: dense).
 A program owns BLOCK_M queries (positions q0..q1) and runs one online softmax over three disjoint sets of key

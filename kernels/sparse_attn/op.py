@@ -1,4 +1,4 @@
-"""Public sparse-attention op: causal attention under the (D, W, P) pattern (RATPLUS_SPEC.md §1.3)."""
+"""Public sparse-attention op: causal attention under the (D, W, P) pattern (docs/spec.md §1.3)."""
 
 from __future__ import annotations
 
