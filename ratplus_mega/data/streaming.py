@@ -192,8 +192,44 @@ def build_window_dataset(folders: list[str], *, batch_size: int, shuffle: Shuffl
                   "num_canonical_nodes": shuffle.num_canonical_nodes}
     else:
         kwargs["num_canonical_nodes"] = 1
-    return WindowDataset(streams=streams, batch_size=batch_size, replication=replication if replication > 1 else None,
-                         **kwargs)
+    try:
+        return WindowDataset(streams=streams, batch_size=batch_size,
+                             replication=replication if replication > 1 else None, **kwargs)
+    except Exception as e:
+        remote = [f for f, stream in zip(folders, streams) if stream.remote is not None
+                  and not os.path.exists(os.path.join(stream.local, "index.json"))]
+        if remote and _from_remote_client(e):
+            raise _remote_error(e, remote[0]) from e  # streams load in order: the first without its index failed
+        raise
+
+
+def _from_remote_client(e: BaseException) -> bool:
+    """An error raised by an object store's client library (botocore, google, azure, ...), not by us."""
+    return type(e).__module__.split(".")[0] in ("botocore", "boto3", "s3transfer", "google", "azure", "oci",
+                                                   "paramiko", "urllib3", "requests")
+
+
+def _remote_error(e: BaseException, url: str) -> ValueError:
+    """One line naming ``url`` for a failure to read its ``index.json``."""
+    endpoint = os.environ.get("S3_ENDPOINT_URL") if url.startswith("s3://") else None
+    where = f" at {endpoint} (S3_ENDPOINT_URL)" if endpoint else ""
+    response = getattr(e, "response", None)
+    if isinstance(response, dict):
+        code = str(response.get("Error", {}).get("Code", ""))
+        if code in ("404", "NoSuchKey", "NoSuchBucket"):
+            return ValueError(f"{url}: no MDS dataset there{where}: {url.rstrip('/')}/index.json does not exist "
+                              "(check the bucket and the prefix)")
+        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return ValueError(f"{url}: access denied{where} (error {code}): check the credentials "
+                              "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)")
+        return ValueError(f"{url}: the object store{where} answered error {code or type(e).__name__} while "
+                          f"reading {url.rstrip('/')}/index.json")
+    name = type(e).__name__
+    if "Connect" in name or "Timeout" in name:
+        return ValueError(f"{url}: cannot connect to the object store{where or ' (S3_ENDPOINT_URL not set)'} "
+                          f"({name}); check the endpoint and the network")
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return ValueError(f"{url}: cannot read it{where} ({name}: {first})")
 
 
 # Streaming's shared memory on a shared host ------------------------------------------------------------------
