@@ -62,7 +62,8 @@ class TrainLoader:
             # A new DataLoader iterator per epoch: streaming starts the next epoch (or the resumed one).
             loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
                                 collate_fn=functools.partial(make_batch, eos_id=self.eos_id),
-                                persistent_workers=False)
+                                persistent_workers=False,
+                                pin_memory=torch.cuda.is_available())  # the step runner copies without blocking
             for batch in loader:
                 self.sample_in_epoch += self.batch_size * self.layout.dp_size
                 yield batch

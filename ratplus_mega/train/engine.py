@@ -15,7 +15,7 @@ from ..config.schema import RunConfig
 from ..model.block import ParallelBlock
 from ..model.lm import RatPlusLM
 from ..parallel.context import ParallelContext
-from .runner import EngineRunner
+from .runner import StepRunner
 
 
 def gradient_accumulation_steps(cfg: RunConfig, ctx: ParallelContext) -> int:
@@ -30,7 +30,7 @@ def gradient_accumulation_steps(cfg: RunConfig, ctx: ParallelContext) -> int:
     return t.global_batch_size // per_step
 
 
-def deepspeed_config(cfg: RunConfig, ctx: ParallelContext, runner: EngineRunner) -> dict:
+def deepspeed_config(cfg: RunConfig, ctx: ParallelContext, runner: StepRunner) -> dict:
     t, p = cfg.train, cfg.parallel
     accum = gradient_accumulation_steps(cfg, ctx)
     bf16 = t.precision == "bf16"
@@ -70,7 +70,7 @@ def apply_activation_checkpointing(model: RatPlusLM) -> None:
             block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
 
 
-def build_engine(cfg: RunConfig, ctx: ParallelContext, model: RatPlusLM, runner: EngineRunner):
+def build_engine(cfg: RunConfig, ctx: ParallelContext, model: RatPlusLM, runner: StepRunner):
     """Wrap ``model`` in a DeepSpeed engine with the run's optimizer and precision, for ``runner``'s layout."""
     import deepspeed
 

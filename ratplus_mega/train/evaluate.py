@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from ..batch import IGNORE_INDEX, Batch
 from ..model.lm import RatPlusLM
-from .runner import EngineRunner
+from .runner import StepRunner
 
 Pattern = tuple[int, int, int]
 
@@ -30,7 +30,7 @@ def patterns_set(model: RatPlusLM, patterns: list[Pattern]):
 
 
 @torch.no_grad()
-def evaluate(runner: EngineRunner, model: RatPlusLM, batches: Iterable[Batch], patterns: list[Pattern]
+def evaluate(runner: StepRunner, model: RatPlusLM, batches: Iterable[Batch], patterns: list[Pattern]
              ) -> dict[str, float]:
     """Token-weighted mean loss and perplexity over ``batches`` under ``patterns``, over all DP ranks."""
     ctx = runner.ctx

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from ..batch import Batch
 from .engine import set_learning_rate
-from .runner import EngineRunner
+from .runner import StepRunner
 
 
 @dataclass
@@ -34,14 +34,14 @@ class StepResult:
     """The joint-training dense pass (None when not joint)."""
 
 
-def train_step(runner: EngineRunner, engine, micro_batches: list[Batch], *, lr: float, joint: bool) -> StepResult:
+def train_step(runner: StepRunner, engine, micro_batches: list[Batch], *, lr: float, joint: bool) -> StepResult:
     set_learning_rate(engine, lr)
     sparse = _run_pass(runner, engine, micro_batches, "sparse")
     dense = _run_pass(runner, engine, micro_batches, "dense") if joint else None
     return StepResult(sparse, dense)
 
 
-def _run_pass(runner: EngineRunner, engine, micro_batches: list[Batch], attention_mode: str) -> PassResult:
+def _run_pass(runner: StepRunner, engine, micro_batches: list[Batch], attention_mode: str) -> PassResult:
     total = runner.train_pass(engine, micro_batches, attention_mode)
     loss = (total / len(micro_batches)).reshape(1)
     if runner.ctx.dp > 1:

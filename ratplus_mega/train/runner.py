@@ -21,19 +21,37 @@ from ..parallel.pipeline import finalize_tied_embedding, forward_backward, mark_
 from .feed import BroadcastFeed, DirectFeed
 
 
-class EngineRunner:
-    """Data, tensor and sequence parallel: the DeepSpeed engine runs forward and backward."""
+class StepRunner:
+    """What the loop asks of a layout. ``feed`` says who reads batches (train/feed.py); ``deepspeed_config``
+    holds the engine settings the layout needs."""
 
+    ctx: ParallelContext
+    feed: DirectFeed | BroadcastFeed
     deepspeed_config: dict = {}
-
-    def __init__(self, ctx: ParallelContext):
-        self.ctx, self.feed = ctx, DirectFeed(ctx)
 
     def prepare(self, model: torch.nn.Module) -> None:
         """Called before ``deepspeed.initialize``."""
 
     def train_pass(self, engine, micro_batches: list[Batch], attention_mode: str) -> torch.Tensor:
         """Accumulate gradients over ``micro_batches`` and step; the sum of their losses, on every rank."""
+        raise NotImplementedError
+
+    def eval_loss(self, model, batch: Batch) -> torch.Tensor | None:
+        """The token-mean loss of ``batch`` where the model ends (None on other pipeline stages)."""
+        raise NotImplementedError
+
+    def from_last_stage(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` as the last pipeline stage holds it, on every stage."""
+        return value
+
+
+class EngineRunner(StepRunner):
+    """Data, tensor and sequence parallel: the DeepSpeed engine runs forward and backward."""
+
+    def __init__(self, ctx: ParallelContext):
+        self.ctx, self.feed = ctx, DirectFeed(ctx)
+
+    def train_pass(self, engine, micro_batches: list[Batch], attention_mode: str) -> torch.Tensor:
         total = torch.zeros((), device=self.ctx.device)
         for batch in micro_batches:
             batch = self._on_device(batch)
@@ -44,20 +62,15 @@ class EngineRunner:
         return total
 
     def eval_loss(self, model, batch: Batch) -> torch.Tensor | None:
-        """The token-mean loss of ``batch`` where the model ends (None on other pipeline stages)."""
         batch = self._on_device(batch)
         return model(batch["input_ids"], batch["labels"]).detach().float()
-
-    def from_last_stage(self, value: torch.Tensor) -> torch.Tensor:
-        """``value`` as the last pipeline stage holds it, on every stage."""
-        return value
 
     def _on_device(self, batch: Batch) -> Batch:
         # The loader yields CPU tensors; DeepSpeed moves the model, never the inputs.
         return {k: v.to(self.ctx.device, non_blocking=True) for k, v in batch.items()}
 
 
-class PipelineRunner(EngineRunner):
+class PipelineRunner(StepRunner):
     """Pipeline parallel: megatron-core's schedule runs forward and backward on ``engine.module``."""
 
     deepspeed_config = {"managed_gradient_accumulation": False}
@@ -85,10 +98,11 @@ class PipelineRunner(EngineRunner):
         return value
 
     def _schedule(self, model, micro_batches: list[Batch], **kwargs) -> list[torch.Tensor]:
+        # Batches arrive on this rank's device from the feed's broadcast.
         return forward_backward(model, micro_batches, num_microbatches=len(micro_batches), seq_len=self.seq_len,
                                 micro_batch_size=micro_batches[0]["input_ids"].shape[0], **kwargs)
 
 
-def build_step_runner(ctx: ParallelContext, *, seq_len: int) -> EngineRunner:
+def build_step_runner(ctx: ParallelContext, *, seq_len: int) -> StepRunner:
     """The runner for this layout (collective: the pipeline runner's feed forms the readers' group)."""
     return PipelineRunner(ctx, seq_len) if ctx.pp > 1 else EngineRunner(ctx)
