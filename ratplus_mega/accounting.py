@@ -6,9 +6,11 @@ Pure arithmetic: no torch. ``docs/flops.md`` explains the FLOP convention used f
 from __future__ import annotations
 
 from .config.schema import ModelConfig
-from .hf.cache_layout import cache_slots, dense_in_effect  # noqa: F401  the reference model's cache (torch-free)
+from .hf.cache_layout import (  # noqa: F401  the reference model's cache and patterns (torch-free)
+    cache_slots, dense_in_effect, head_patterns, layer_cache_slots, topk_of,
+)
 
-Pattern = tuple[int, int, int]
+Pattern = tuple  # a layer pattern: (D, W, P), (D, W, P, K, S, score), or one of those per head
 DENSE: Pattern = (1, 0, 0)
 
 
@@ -21,8 +23,21 @@ def parameter_count(m: ModelConfig) -> int:
 
 
 def attended_keys(seq_len: int, pattern: Pattern) -> int:
-    """Number of (query, key) score entries of a causal window of ``seq_len`` under ``pattern`` (spec §1.3)."""
-    dilation, window, sinks = pattern
+    """Number of (query, key) score entries of a causal window of ``seq_len`` under a head pattern (spec §1.3).
+
+    Top-k block attention (§4.5) is counted at its most: the (D, W, P) keys plus every key of the K blocks (the
+    first, the own and K - 2 others; fewer where fewer precede), capped at the keys before the query, plus one
+    block score per earlier complete block counted as half a key (a dot product, no value product)."""
+    topk = topk_of(pattern)
+    if topk and pattern[0] != 1:
+        blocks, size, _ = topk
+        total = 0
+        for q in range(seq_len):
+            own = q // size
+            chosen = (q % size + 1) + min(blocks - 1, own) * size
+            total += min(q + 1, chosen + attended_keys_at(q, pattern[:3])) + max(own - 1, 0) / 2
+        return int(total)
+    dilation, window, sinks = pattern[:3]
     if dilation == 1:
         return seq_len * (seq_len + 1) // 2
     total = 0
@@ -38,6 +53,27 @@ def attended_keys(seq_len: int, pattern: Pattern) -> int:
     return total
 
 
+def attended_keys_at(q: int, pattern: Pattern) -> int:
+    """Keys the query at position q sees under a (D, W, P) head pattern."""
+    dilation, window, sinks = pattern[:3]
+    if dilation == 1:
+        return q + 1
+    keys = min(q, window) + 1
+    outside = q - window
+    if outside > 0:
+        keys += min(sinks, outside)
+        if dilation > 1 and outside > sinks:
+            keys += outside // dilation - sinks // dilation
+    return keys
+
+
+def layer_attended_keys(seq_len: int, pattern: Pattern, num_heads: int) -> float:
+    """``attended_keys`` averaged over the heads of a layer pattern (one per head, §4.4)."""
+    heads = head_patterns(pattern, num_heads)
+    counts = {p: attended_keys(seq_len, p) for p in set(heads)}
+    return sum(counts[p] for p in heads) / num_heads
+
+
 def flops_per_token(m: ModelConfig, patterns: list[Pattern] | None = None, *, seq_len: int | None = None) -> int:
     """Forward FLOPs per token (2 per multiply-add) at ``seq_len``; training is 3x this.
 
@@ -50,7 +86,7 @@ def flops_per_token(m: ModelConfig, patterns: list[Pattern] | None = None, *, se
     d = m.hidden_size
     matmul = m.num_layers * (m.fused_slices * d * d + d * d + 2 * d * m.ffn_hidden_size)
     matmul += m.vocab_size * d
-    attention = sum(4 * d * attended_keys(seq_len, p) for p in patterns) / seq_len
+    attention = sum(4 * d * layer_attended_keys(seq_len, p, m.num_heads) for p in patterns) / seq_len
     return int(2 * matmul + attention)
 
 
@@ -62,11 +98,14 @@ def cache_bytes(
     patterns: list[Pattern] | None = None,
     kv_bytes: int = 2,
 ) -> int:
-    """Bytes of the compressed decode cache: keys and values (``kv_bytes`` each) plus the fp32 recurrence
-    state of k and v in every layer."""
+    """Bytes of the compressed decode cache: each head's keys and values in its own pattern's slots
+    (``kv_bytes`` each), top-k heads' pooled block keys, plus the fp32 recurrence state of k and v in every
+    layer."""
     seq_len = seq_len or m.seq_len
     patterns = patterns or m.layer_patterns()
-    d = m.hidden_size
-    state = 2 * 4 * d if m.apply_recurrence else 0
-    per_seq = sum(2 * kv_bytes * d * cache_slots(p, seq_len) + state for p in patterns)
+    state = 2 * 4 * m.hidden_size if m.apply_recurrence else 0
+    per_seq = 0
+    for p in patterns:
+        slots, summaries = layer_cache_slots(p, m.num_heads, seq_len)
+        per_seq += kv_bytes * m.head_dim * (2 * slots + summaries) + state
     return batch_size * per_seq

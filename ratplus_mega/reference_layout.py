@@ -118,6 +118,19 @@ def unshard_pieces(m: ModelConfig, tp: int, pieces: dict[str, list[torch.Tensor]
     return out
 
 
+def local_pattern(pattern: tuple, num_heads: int, tp: int, rank: int) -> tuple:
+    """The layer pattern of TP rank ``rank``'s heads (``rank·H/tp .. (rank+1)·H/tp - 1``, as ``fused_rows``
+    cuts them): a uniform pattern stays as it is, a per-head one keeps this rank's entries, collapsed to one
+    head pattern where they agree (docs/spec.md §4.4)."""
+    if not (pattern and isinstance(pattern[0], tuple)):
+        return pattern
+    if len(pattern) != num_heads or num_heads % tp:
+        raise ValueError(f"a per-head pattern of {len(pattern)} heads does not split over TP={tp} ({num_heads} heads)")
+    per_rank = num_heads // tp
+    mine = tuple(pattern[rank * per_rank:(rank + 1) * per_rank])
+    return mine[0] if len(set(mine)) == 1 else mine
+
+
 def reference_config(m: ModelConfig, **overrides):
     """The reference model's ``RatPlusConfig`` for a training ``ModelConfig``."""
     from .hf.configuration_ratplus import RatPlusConfig
@@ -127,6 +140,7 @@ def reference_config(m: ModelConfig, **overrides):
                   num_attention_heads=m.num_heads, head_dim=m.head_dim, intermediate_size=m.ffn_hidden_size,
                   max_position_embeddings=m.seq_len, rope_theta=m.rope_theta, rms_norm_eps=m.norm_eps,
                   apply_recurrence=m.apply_recurrence, initializer_range=m.init_std, eos_token_id=m.eos_token_id,
-                  dilation=p.dilation, window=p.window, sinks=p.sinks)
+                  dilation=p.dilation, window=p.window, sinks=p.sinks, topk_blocks=p.topk_blocks,
+                  block_size=p.block_size, block_score=p.block_score)
     fields.update(overrides)
     return RatPlusConfig(**fields)

@@ -88,3 +88,29 @@ KEY_CASES = [(37, 4, 3, 2), (64, 1, 0, 0), (64, 1, 5, 3), (97, 16, 0, 4), (50, -
 @pytest.mark.parametrize("t,d,w,p", KEY_CASES, ids=[f"T{t}-D{d}-W{w}-P{p}" for t, d, w, p in KEY_CASES])
 def test_attended_keys_counts_the_mask(t, d, w, p):
     assert attended_keys(t, (d, w, p)) == mask_count(t, d, w, p)
+
+
+def test_per_head_and_top_k_cache_bytes_equal_the_reference_models():
+    """docs/spec.md §4.4, §4.5: each head's own cache geometry, top-k heads' pooled block keys included."""
+    from ratplus_mega.hf import RatPlusForCausalLM
+    from ratplus_mega.reference_layout import reference_config
+
+    m = load_config(CONFIG_ROOT / "model" / "tiny.yaml", [
+        "model.pattern.dilation=[[1,1,16,-1],[-1,-1,8,8]]", "model.pattern.window=[[0,0,0,8],2]",
+        "model.pattern.sinks=4", "model.pattern.topk_blocks=[0,[4,0,0,3]]", "model.pattern.block_size=16"]).model
+    with torch.device("meta"):
+        ref = RatPlusForCausalLM(reference_config(m)).to(torch.bfloat16)
+    for seq in (128, 100, 7):
+        assert cache_bytes(m, seq) == ref.cache_nbytes(seq)
+    # Layer 1, head 0: top-k over D = -1 keeps every position plus one pooled key per complete block.
+    per_head = [2 * 128, 2 * 128, 2 * (4 + 128 // 16), 2 * (4 + 8)] + [2 * 128 + 8, 2 * (4 + 2), 2 * (4 + 2 + 16),
+                                                                        2 * 128 + 8]
+    assert cache_bytes(m, 128) == 2 * 16 * sum(per_head) + 2 * (2 * 4 * 64)
+
+
+def test_per_head_flops_average_the_heads():
+    from ratplus_mega.accounting import flops_per_token
+
+    m = load_config(CONFIG_ROOT / "model" / "tiny.yaml", ["model.pattern.dilation=[[1,1,8,8],[1,1,8,8]]"]).model
+    dense, sparse = flops_per_token(m, [(1, 0, 0)] * 2), flops_per_token(m, [(8, 0, 0)] * 2)
+    assert flops_per_token(m, m.layer_patterns()) == pytest.approx((dense + sparse) / 2, abs=1)

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
-IntOrList = Union[int, list[int]]
+PerLayerHead = Union[int, list[Union[int, list[int]]]]
+"""An int for every layer and head, or one entry per layer, each an int or one int per head."""
 
 
 class ConfigError(ValueError):
@@ -22,56 +23,123 @@ class ConfigError(ValueError):
         super().__init__(f"{key}: {message}")
 
 
-def _per_layer(key: str, value: IntOrList, num_layers: int) -> list[int]:
+def _per_layer(key: str, value: PerLayerHead, num_layers: int, num_heads: int | None = None) -> list:
+    """One entry per layer: an int, or (per head) a tuple of ``num_heads`` ints."""
     if isinstance(value, list):
         if len(value) != num_layers:
             raise ConfigError(key, f"a per-layer list needs one entry per layer ({num_layers}), got {len(value)}")
-        return list(value)
+        out = []
+        for i, v in enumerate(value):
+            if isinstance(v, list):
+                if num_heads is not None and len(v) != num_heads:
+                    raise ConfigError(f"{key}[{i}]", f"a per-head list needs one entry per head ({num_heads}), "
+                                                     f"got {len(v)}")
+                v = tuple(v)
+            out.append(v)
+        return out
     return [value] * num_layers
+
+
+def _entries(values: PerLayerHead, name: str):
+    """``(key, value)`` of every int in a per-layer, per-head value, the key naming its place."""
+    if not isinstance(values, list):
+        yield name, values
+        return
+    for i, v in enumerate(values):
+        if isinstance(v, list):
+            for j, x in enumerate(v):
+                yield f"{name}[{i}][{j}]", x
+        else:
+            yield f"{name}[{i}]", v
 
 
 @dataclass(kw_only=True)
 class PatternConfig:
-    """The sparse attention pattern (D, W, P) of docs/spec.md §1.3, an int or one entry per layer.
+    """The sparse attention pattern (D, W, P) of docs/spec.md §1.3, and top-k block attention (§4.5).
 
-    A query at q sees keys k <= q with q - k <= W (window, inclusive), or k < P (sinks), or
-    (k + 1) % D == 0 (grid). D = 1 is dense; D = -1 has no grid (window and sinks only).
+    Each of ``dilation``, ``window``, ``sinks`` and ``topk_blocks`` is an int, or one entry per layer whose
+    entries are an int or one int per head (§4.4), e.g. ``dilation: [[1, 1, 16, 16], 64]``. A query at q sees keys
+    k <= q with q - k <= W (window, inclusive), or k < P (sinks), or (k + 1) % D == 0 (grid). D = 1 is
+    dense; D = -1 has no grid (window and sinks only). With ``topk_blocks`` K >= 2 the query also sees its own
+    block of ``block_size`` keys, the first block and the K - 2 earlier blocks whose pooled keys score
+    highest against it.
     """
 
-    dilation: IntOrList = 1
+    dilation: PerLayerHead = 1
     """D: grid stride, >= 1, or -1 for no grid."""
-    window: IntOrList = 0
+    window: PerLayerHead = 0
     """W: local window; a query sees itself and the W tokens before it."""
-    sinks: IntOrList = 0
+    sinks: PerLayerHead = 0
     """P: the first P positions are visible to every query."""
+    topk_blocks: PerLayerHead = 0
+    """K: blocks each query attends to under top-k block attention (first, own and K - 2 best); 0 = off."""
+    block_size: int = 64
+    """S: keys per block of top-k block attention."""
+    block_score: Literal["max", "mean"] = "max"
+    """How a block's keys are pooled (per channel) into the summary a query scores blocks with."""
 
     def __post_init__(self):
-        for name in ("dilation", "window", "sinks"):
-            values = getattr(self, name)
-            for i, v in enumerate(values if isinstance(values, list) else [values]):
-                key = f"{name}[{i}]" if isinstance(values, list) else name
+        for name in ("dilation", "window", "sinks", "topk_blocks"):
+            for key, v in _entries(getattr(self, name), name):
                 if name == "dilation" and not (v >= 1 or v == -1):
                     raise ConfigError(key, f"dilation must be >= 1 or -1 (no grid), got {v}")
-                if name != "dilation" and v < 0:
+                if name in ("window", "sinks") and v < 0:
                     raise ConfigError(key, f"{name} must be >= 0, got {v}")
+                if name == "topk_blocks" and (v < 0 or v == 1):
+                    raise ConfigError(key, f"topk_blocks must be 0 (off) or >= 2 (the first and the own block "
+                                           f"count), got {v}")
+        if self.block_size < 1:
+            raise ConfigError("block_size", f"must be >= 1, got {self.block_size}")
 
-    def per_layer(self, num_layers: int) -> list[tuple[int, int, int]]:
-        """``[(D, W, P)]`` for each layer; raises if a list has the wrong length."""
-        d = _per_layer("dilation", self.dilation, num_layers)
-        w = _per_layer("window", self.window, num_layers)
-        p = _per_layer("sinks", self.sinks, num_layers)
-        return list(zip(d, w, p))
+    def per_layer(self, num_layers: int, num_heads: int | None = None) -> list[tuple]:
+        """Each layer's pattern: ``(D, W, P)``, ``(D, W, P, K, S, score)`` with top-k, or where the heads of a
+        layer differ a tuple of one such head pattern per head (``ratplus_mega/hf/cache_layout.py``). Raises
+        if a list has the wrong length (per-head lists are checked when ``num_heads`` is given)."""
+        columns = [_per_layer(name, getattr(self, name), num_layers, num_heads)
+                   for name in ("dilation", "window", "sinks", "topk_blocks")]
+        out = []
+        for i, entries in enumerate(zip(*columns)):
+            lengths = {len(e) for e in entries if isinstance(e, tuple)}
+            if len(lengths) > 1:
+                raise ConfigError(f"dilation[{i}]", f"the per-head lists of layer {i} differ in length "
+                                                    f"({sorted(lengths)})")
+            heads = lengths.pop() if lengths else 1
+            per_head = [e if isinstance(e, tuple) else (e,) * heads for e in entries]
+            patterns = [(d, w, p, k, self.block_size, self.block_score) if k and d != 1 else (d, w, p)
+                        for d, w, p, k in zip(*per_head)]
+            out.append(patterns[0] if len(set(patterns)) == 1 else tuple(patterns))
+        return out
 
     @property
     def is_dense(self) -> bool:
-        values = self.dilation if isinstance(self.dilation, list) else [self.dilation]
-        return all(v == 1 for v in values)
+        return all(v == 1 for _, v in _entries(self.dilation, "dilation"))
 
 
-def pattern_name(patterns: list[tuple[int, int, int]]) -> str:
-    """'dense', 'D16-W256-P4', or for layers that differ 'per-layer:' and each layer's name, comma-separated.
+def _head_name(p: tuple) -> str:
+    if p[0] == 1:
+        return "dense"
+    name = f"D{p[0]}-W{p[1]}-P{p[2]}"
+    return name + (f"-top{p[3]}x{p[4]}" + ("mean" if p[5] == "mean" else "") if len(p) > 3 else "")
+
+
+def _layer_name(p: tuple) -> str:
+    if not (p and isinstance(p[0], tuple)):
+        return _head_name(p)
+    runs: list[list] = []  # run-length: [name, count]
+    for head in p:
+        name = _head_name(head)
+        if runs and runs[-1][0] == name:
+            runs[-1][1] += 1
+        else:
+            runs.append([name, 1])
+    return "heads:" + "+".join(f"{n}x{name}" if n > 1 else name for name, n in runs)
+
+
+def pattern_name(patterns: list[tuple]) -> str:
+    """'dense', 'D16-W256-P4', 'D-1-W0-P4-top16x64' (top-k: K blocks of S), 'heads:2xdense+2xD16-W0-P4' (heads
+    in order, runs counted), or for layers that differ 'per-layer:' and each layer's name, comma-separated.
     The one spelling of a pattern in logs, metrics, tables and file names."""
-    names = ["dense" if d == 1 else f"D{d}-W{w}-P{p}" for d, w, p in patterns]
+    names = [_layer_name(p) for p in patterns]
     return names[0] if len(set(names)) == 1 else "per-layer:" + ",".join(names)
 
 
@@ -129,9 +197,9 @@ class ModelConfig:
         except ConfigError as e:
             raise ConfigError(f"pattern.{e.key}", e.message) from None
 
-    def layer_patterns(self) -> list[tuple[int, int, int]]:
-        """The configured ``(D, W, P)`` of each layer."""
-        return self.pattern.per_layer(self.num_layers)
+    def layer_patterns(self) -> list[tuple]:
+        """The configured pattern of each layer (``PatternConfig.per_layer``)."""
+        return self.pattern.per_layer(self.num_layers, self.num_heads)
 
     @property
     def fused_slices(self) -> int:
@@ -149,6 +217,9 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Megatron sequence parallel inside each tensor-parallel group."""
     zero_stage: int = 1
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """auto: the GPUs when present, else the CPU; cuda: a rank without a GPU stops at start (what a cluster job
+    wants: launch/train_slurm.sbatch sets it); cpu: the GPUs are hidden."""
 
     def __post_init__(self):
         for name in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
@@ -161,8 +232,8 @@ class ParallelConfig:
         if self.zero_stage == 3 and (self.tensor_parallel, self.pipeline_parallel, self.context_parallel) != (1, 1, 1):
             raise ConfigError("zero_stage", "ZeRO-3 is supported only with tensor, pipeline and context parallel all 1")
         if self.pipeline_parallel > 1 and self.zero_stage != 1:
-            raise ConfigError("zero_stage", "pipeline parallel runs with ZeRO-1 (DeepSpeed's ZeRO-0 clipping counts the "
-                                            "tied embedding twice; ZeRO-2 under megatron-core's schedule is not verified)")
+            raise ConfigError("zero_stage", "pipeline parallel runs with ZeRO-1 (DeepSpeed's ZeRO-0 clipping counts "
+                              "the tied embedding twice; ZeRO-2 under megatron-core's schedule is not verified)")
 
     @property
     def model_parallel_size(self) -> int:
@@ -250,8 +321,15 @@ class TrainConfig:
     """Sparse patterns validated besides dense attention (the configured one is always included)."""
     save_interval: int = 1000
     keep_last: int = 3
+    """Committed checkpoints kept; only those this run wrote are ever pruned (docs/checkpoints.md)."""
     out_dir: str = "runs/default"
     resume: Literal["auto", "never"] = "auto"
+    """auto: continue from the newest checkpoint in ``out_dir/checkpoints`` that verifies, else start afresh;
+    never: start afresh, refused where ``out_dir`` holds committed checkpoints unless ``overwrite`` is set."""
+    overwrite: bool = False
+    """With ``resume: never``, start afresh in an ``out_dir`` that holds checkpoints: they (with the old run's
+    config.yaml, metrics.jsonl and tensorboard/) move to ``out_dir/checkpoints.replaced-<time>/``; nothing is
+    deleted."""
 
     def __post_init__(self):
         self.eval_patterns = [PatternConfig(**p) if isinstance(p, dict) else p for p in self.eval_patterns]
@@ -267,6 +345,9 @@ class TrainConfig:
             raise ConfigError("adam_betas", f"must be two numbers in [0, 1), got {self.adam_betas}")
         if self.grad_clip <= 0:
             raise ConfigError("grad_clip", f"must be > 0, got {self.grad_clip}")
+        if self.overwrite and self.resume != "never":
+            raise ConfigError("overwrite", "applies only with train.resume=never (with resume=auto the run continues "
+                                           "the checkpoints in train.out_dir instead of replacing them)")
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(
                 "global_batch_size",
@@ -303,7 +384,7 @@ class RunConfig:
         for i, pattern in enumerate(t.eval_patterns):
             key = f"train.eval_patterns[{i}]"
             try:
-                pattern.per_layer(m.num_layers)
+                pattern.per_layer(m.num_layers, m.num_heads)
             except ConfigError as e:
                 raise ConfigError(f"{key}.{e.key}", e.message) from None
         return self

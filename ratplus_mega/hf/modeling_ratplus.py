@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .cache_layout import cache_regions, cache_slots
+from .cache_layout import (cache_regions, cache_slots, head_groups, is_per_head, layer_cache_slots,  # noqa: F401
+                           summary_slots, topk_of)
 from .configuration_ratplus import RatPlusConfig
 
-Pattern = tuple[int, int, int]
+Pattern = tuple  # a head pattern (D, W, P) or (D, W, P, K, S, score), or one per head (cache_layout.py)
 DENSE: Pattern = (1, 0, 0)
 
 _kernels = None  # the fused Triton kernels, imported on first use with a CUDA tensor; False when absent
@@ -229,11 +230,43 @@ def _attend_positions(q, k, v, q_offset: int, k_positions: torch.Tensor, pattern
     return torch.cat(outs, dim=-2).to(q.dtype), torch.cat(lses, dim=-1)
 
 
+def _head_index(heads: list[int]):
+    """A slice for contiguous heads (a view, no copy), else the index list."""
+    return slice(heads[0], heads[-1] + 1) if heads == list(range(heads[0], heads[-1] + 1)) else heads
+
+
+def _by_head_groups(pattern: Pattern, num_heads: int, run, *tensors):
+    """Run ``run(head_pattern, *tensors_of_those_heads)`` once per group of heads sharing a head pattern
+    (tensors are (B, H, ...)), and put the (B, h, ...) results back in head order."""
+    groups = head_groups(pattern, num_heads)
+    if len(groups) == 1:
+        return run(groups[0][0], *tensors)
+    outs, order = [], []
+    for head_pattern, heads in groups:
+        index = _head_index(heads)
+        outs.append(run(head_pattern, *(t[:, index] for t in tensors)))
+        order += heads
+    out = torch.cat(outs, dim=1)
+    if order == sorted(order):
+        return out
+    return out[:, torch.argsort(torch.tensor(order, device=out.device))]
+
+
 def attention(q, k, v, pattern: Pattern, scale: float | None = None, *, q_offset: int = 0,
               k_positions: torch.Tensor | None = None):
     """Training/prefill attention of q (B, H, Tq, K) at positions q_offset.. over k, v (B, H, Tk, K) at positions
-    0 .. Tk - 1, or at ``k_positions`` (sorted) when the keys are a gathered set; the fused kernel on CUDA."""
-    dilation, window, sinks = pattern
+    0 .. Tk - 1, or at ``k_positions`` (sorted) when the keys are a gathered set; the fused kernel on CUDA.
+
+    ``pattern`` is a head pattern or one per head (spec §4.4): heads that share a pattern run in one call, so
+    the kernel runs once per distinct head pattern. Top-k heads (§4.5) run ``topk_attention``."""
+    if is_per_head(pattern):
+        return _by_head_groups(pattern, q.shape[1], lambda p, a, b, c: attention(
+            a, b, c, p, scale, q_offset=q_offset, k_positions=k_positions), q, k, v)
+    dilation, window, sinks = pattern[:3]
+    if topk_of(pattern) and dilation != 1:
+        if k_positions is not None:
+            raise ValueError("top-k block attention needs the keys at positions 0 .. Tk - 1 (no k_positions)")
+        return topk_attention(q, k, v, pattern, scale, q_offset=q_offset)
     fused = _fused("sparse_attention", q)
     if fused is not None:
         return fused(q, k, v, dilation, window, sinks, scale, q_offset=q_offset, k_positions=k_positions)
@@ -241,90 +274,268 @@ def attention(q, k, v, pattern: Pattern, scale: float | None = None, *, q_offset
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Top-k block attention (spec §4.5)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def block_summaries(k: torch.Tensor, block_size: int, score: str) -> torch.Tensor:
+    """(B, H, n, K) per-channel max or mean of the keys of each complete block of ``block_size`` keys of
+    k (B, H, T, K): n = T // block_size. Pooled in fp32, stored in the keys' dtype (as the cache stores them)."""
+    n = k.shape[-2] // block_size
+    blocks = k[..., :n * block_size, :].float().unflatten(-2, (n, block_size))
+    pooled = blocks.amax(dim=-2) if score == "max" else blocks.mean(dim=-2)
+    return pooled.to(k.dtype)
+
+
+def select_blocks(q: torch.Tensor, summaries: torch.Tensor, q_positions: torch.Tensor, pattern: Pattern):
+    """Top-k block selection (spec §4.5): for queries q (B, H, n, K) at ``q_positions`` (n,), a boolean
+    (B, H, n, nb + 1) telling which of the blocks 0 .. nb each query sees (nb = summaries.shape[-2]): the first
+    block, the query's own block, and the K - 2 blocks among 1 .. own - 1 whose summary has the largest dot
+    product with the query (fewer if fewer precede). Ties go to the lower block index."""
+    k_blocks, block_size, _ = topk_of(pattern)
+    nb = summaries.shape[-2]
+    own = q_positions // block_size  # (n,)
+    block = torch.arange(nb + 1, device=q.device)
+    chosen = (block == 0) | (block[None, :] == own[:, None])  # (n, nb + 1)
+    chosen = chosen.expand(*q.shape[:2], *chosen.shape).clone()
+    picks = min(k_blocks - 2, max(nb - 1, 0))
+    if picks > 0:
+        scores = torch.matmul(q.float(), summaries.float().transpose(-1, -2))  # (B, H, n, nb)
+        candidate = (block[None, :nb] >= 1) & (block[None, :nb] < own[:, None])
+        scores = scores.masked_fill(~candidate, float("-inf"))
+        # Stable order: highest score first, the lower block on ties (sort is stable; topk need not be).
+        top = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :picks]
+        valid = torch.gather(candidate.expand_as(scores), -1, top)
+        chosen.scatter_(-1, top, valid | torch.gather(chosen, -1, top))
+    return chosen
+
+
+def base_allowed(q_positions: torch.Tensor, k_positions: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """The (D, W, P) rule of spec §1.3 as a (n_q, n_k) boolean, causality included."""
+    dilation, window, sinks = pattern[:3]
+    q, k = q_positions[:, None], k_positions[None, :]
+    near = (q - k <= window) | (k < sinks)
+    if dilation != -1:
+        near = near | ((k + 1) % dilation == 0)
+    return (k <= q) & near
+
+
+def topk_attention(q, k, v, pattern: Pattern, scale: float | None = None, *, q_offset: int = 0,
+                   return_lse: bool = False, block_queries: int = 128):
+    """Top-k block attention (spec §4.5) of q (B, H, Tq, K) at positions q_offset.. over k, v (B, H, Tk, K) at
+    0 .. Tk - 1: each query sees the keys of its (D, W, P) pattern and those of its selected blocks
+    (``select_blocks``) that precede it, in one softmax. Blocks are scored with summaries of complete blocks
+    only, so a query never selects by keys after it. Memory per block of queries: block_queries x Tk."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    block_size = topk_of(pattern)[1]
+    tk = k.shape[-2]
+    summaries = block_summaries(k, block_size, topk_of(pattern)[2])
+    k_pos = torch.arange(tk, device=q.device)
+    outs, lses = [], []
+    for start in range(0, q.shape[-2], block_queries):
+        qb = q[..., start:start + block_queries, :]
+        q_pos = torch.arange(q_offset + start, q_offset + start + qb.shape[-2], device=q.device)
+        chosen = select_blocks(qb, summaries, q_pos, pattern)  # (B, H, n, nb + 1)
+        key_block = torch.clamp(k_pos // block_size, max=chosen.shape[-1] - 1)
+        in_block = torch.gather(chosen, -1, key_block.expand(*chosen.shape[:-1], tk))
+        allowed = base_allowed(q_pos, k_pos, pattern) | (in_block & (k_pos[None, :] <= q_pos[:, None]))
+        scores = torch.matmul(qb.float(), k.float().transpose(-1, -2)) * scale
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)
+        outs.append(torch.matmul(torch.exp(scores - lse[..., None]), v.float()))
+        lses.append(lse)
+    out = torch.cat(outs, dim=-2).to(q.dtype)
+    return (out, torch.cat(lses, dim=-1)) if return_lse else out
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Compressed decode cache (spec §4.2)
 # --------------------------------------------------------------------------------------------------------------
 
 
-class RatPlusLayerCache:
-    """One layer's decode cache. Positions p < P live in the sinks; later positions in a ring of W slots;
-    a position leaving the ring moves to the grid store if (p + 1) % D == 0 (with W = 0, grid positions go
-    there directly). Keys are stored after RoPE; the recurrence state (before RoPE) stays in fp32."""
+class _HeadGroupCache:
+    """The keys and values of the heads of one layer that share a head pattern, in one buffer of slots
+    ``[sinks | ring | grid store]`` (spec §4.2): positions p < P in the sinks, later positions in a ring of W
+    slots, a position leaving the ring moved to the grid store if (p + 1) % D == 0 (with W = 0, grid positions
+    go there directly); a dense head keeps every position in its grid store. The slots filled so far are
+    always a prefix of the buffer. A top-k head (spec §4.5) keeps every position at its own slot, plus one
+    pooled key per complete block. Keys are stored after RoPE."""
 
-    def __init__(self, pattern: Pattern, *, batch_size: int, num_heads: int, head_dim: int, max_len: int,
-                 dtype: torch.dtype, device, recurrence: bool):
-        dilation = pattern[0]
-        # A dense layer keeps every position as a "grid" position; a window or sink count beyond max_len is
-        # cut to what max_len positions fill (the same keys stay visible: the ring then never wraps).
-        sinks, window, grid = cache_regions(pattern, max_len)
-        self.dilation, self.window, self.sinks, self.max_len = dilation, window, sinks, max_len
-
-        def buffer(n):
-            return torch.zeros(2, batch_size, num_heads, n, head_dim, dtype=dtype, device=device)
-
-        self.sink_kv, self.ring_kv, self.grid_kv = buffer(sinks), buffer(window), buffer(grid)
-        self.state = (torch.zeros(2, batch_size, num_heads, head_dim, dtype=torch.float32, device=device)
-                      if recurrence else None)
-        self.length = 0  # positions seen
+    def __init__(self, pattern: Pattern, heads: list[int], *, batch_size: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype, device):
+        self.pattern, self.heads, self.index = pattern, heads, _head_index(heads)
+        self.dilation, self.base_window, self.base_sinks = pattern[:3]
+        self.topk = topk_of(pattern) if self.dilation != 1 else None
+        # A window or sink count beyond max_len is cut to what max_len positions fill (the same keys stay
+        # visible: the ring then never wraps).
+        self.sinks, self.window, grid = cache_regions(pattern, max_len)
+        self.max_len = max_len
+        self.kv = torch.zeros(2, batch_size, len(heads), self.sinks + self.window + grid, head_dim, dtype=dtype,
+                              device=device)
+        self.summary = (torch.zeros(batch_size, len(heads), summary_slots(pattern, max_len), head_dim, dtype=dtype,
+                                    device=device) if self.topk else None)
         self.grid_len = 0
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.sink_kv, self.ring_kv, self.grid_kv, self.state) if t is not None]
+        return [t for t in (self.kv, self.summary) if t is not None]
+
+    def filled(self, length: int) -> int:
+        """Slots holding positions after ``length`` positions were stored (a prefix of the buffer)."""
+        if self.topk:
+            return length
+        return min(length, self.sinks) + min(self.window, max(0, length - self.sinks)) + self.grid_len
 
     def _is_grid(self, position: int) -> bool:
         return self.dilation >= 1 and position >= self.sinks and (position + 1) % self.dilation == 0
 
     def _grid_append(self, kv: torch.Tensor) -> None:
-        if self.grid_len >= self.grid_kv.shape[-2]:
+        if self.grid_len >= self.kv.shape[-2] - self.sinks - self.window:
             raise ValueError(f"RAT+ decode cache is full ({self.max_len} positions); pass a larger max_cache_len")
-        self.grid_kv[..., self.grid_len, :] = kv
+        self.kv[..., self.sinks + self.window + self.grid_len, :] = kv
         self.grid_len += 1
 
-    def keys_values(self) -> torch.Tensor:
-        """(2, B, H, n, K): every cached key/value visible to the next position (order is irrelevant)."""
-        ring = min(self.window, max(0, self.length - self.sinks))
-        return torch.cat([self.sink_kv[..., :min(self.sinks, self.length), :], self.ring_kv[..., :ring, :],
-                          self.grid_kv[..., :self.grid_len, :]], dim=-2)
+    def attend(self, q: torch.Tensor, kv: torch.Tensor, t: int, scale: float | None) -> torch.Tensor:
+        """Position t's attention: q (B, h, 1, K) over the cached keys and its own kv (2, B, h, 1, K)."""
+        if self.topk:
+            return self._attend_topk(q, kv, t, scale)
+        n = self.filled(t)
+        if n < self.kv.shape[-2]:
+            # Slot n is not in use yet: the current key goes there for one fused call over sinks, ring, grid
+            # and itself; ``append`` then stores it where it belongs.
+            self.kv[..., n:n + 1, :] = kv
+            return F.scaled_dot_product_attention(q, self.kv[0, :, :, :n + 1], self.kv[1, :, :, :n + 1], scale=scale)
+        return F.scaled_dot_product_attention(q, torch.cat([self.kv[0, :, :, :n], kv[0]], dim=-2),
+                                              torch.cat([self.kv[1, :, :, :n], kv[1]], dim=-2), scale=scale)
 
-    def append(self, kv: torch.Tensor) -> None:
-        """Store position ``self.length`` (kv: (2, B, H, K), after RoPE)."""
+    def _attend_topk(self, q, kv, t: int, scale):
+        """The (D, W, P) keys, the first and own blocks (the same for every row and head, one index list), and
+        each row's and head's selected blocks (gathered); keys of a selected block already in the first set
+        are masked out, so every key counts once."""
+        _, block_size, _ = self.topk
+        own = t // block_size
+        positions = torch.arange(t, device=q.device)
+        base = base_allowed(torch.tensor([t], device=q.device), positions, self.pattern)[0]
+        fixed = torch.nonzero(base | (positions < block_size) | (positions >= own * block_size)).flatten()
+        keys, values = self.kv[0, :, :, fixed], self.kv[1, :, :, fixed]
+        mask = None
+        if own >= 2 and self.topk[0] > 2:
+            chosen = select_blocks(q, self.summary[:, :, :own], torch.tensor([t], device=q.device), self.pattern)
+            picks = min(self.topk[0] - 2, own - 1)
+            # The chosen blocks other than the first and the own one, in block order (B, h, picks).
+            others = chosen[..., 0, 1:own]
+            blocks = torch.sort(torch.where(others, torch.arange(1, own, device=q.device), own), dim=-1).values
+            blocks = blocks[..., :picks]
+            slots = (blocks[..., None] * block_size + torch.arange(block_size, device=q.device)).flatten(-2)
+            valid = torch.gather(others, -1, blocks - 1).repeat_interleave(block_size, dim=-1)
+            valid = valid & ~torch.isin(slots, fixed)
+            index = slots[..., None].expand(*slots.shape, self.kv.shape[-1])
+            keys = torch.cat([keys, torch.gather(self.kv[0], 2, index)], dim=-2)
+            values = torch.cat([values, torch.gather(self.kv[1], 2, index)], dim=-2)
+            mask = torch.cat([torch.ones(*valid.shape[:2], len(fixed) + 0, dtype=torch.bool, device=q.device),
+                              valid, torch.ones(*valid.shape[:2], 1, dtype=torch.bool, device=q.device)], dim=-1)
+            mask = mask[:, :, None, :]
+        keys, values = torch.cat([keys, kv[0]], dim=-2), torch.cat([values, kv[1]], dim=-2)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+
+    def append(self, kv: torch.Tensor, t: int) -> None:
+        """Store position t (kv: (2, B, h, 1, K), after RoPE)."""
+        kv = kv[..., 0, :]
+        if self.topk:
+            self.kv[..., t, :] = kv
+            block_size = self.topk[1]
+            if (t + 1) % block_size == 0 and (t + 1) // block_size <= self.summary.shape[-2]:
+                self.summary[:, :, t // block_size] = block_summaries(
+                    self.kv[0, :, :, t + 1 - block_size:t + 1], block_size, self.topk[2])[:, :, 0]
+        elif t < self.sinks:
+            self.kv[..., t, :] = kv
+        elif self.window > 0:
+            slot = self.sinks + (t - self.sinks) % self.window
+            leaving = t - self.window
+            if leaving >= self.sinks and self._is_grid(leaving):
+                self._grid_append(self.kv[..., slot, :])
+            self.kv[..., slot, :] = kv
+        elif self._is_grid(t):
+            self._grid_append(kv)
+
+    def prefill(self, kv: torch.Tensor) -> None:
+        """Store a whole prompt at once (kv: (2, B, h, T, K)); equivalent to ``append`` at every position."""
+        n = kv.shape[-2]
+        if self.topk:
+            self.kv[..., :n, :] = kv
+            summaries = block_summaries(kv[0], self.topk[1], self.topk[2])
+            self.summary[:, :, :summaries.shape[-2]] = summaries
+            return
+        num_sinks = min(self.sinks, n)
+        self.kv[..., :num_sinks, :] = kv[..., :num_sinks, :]
+        if self.window > 0 and n > self.sinks:  # a prompt inside the sinks leaves the ring empty
+            ring_pos = torch.arange(max(self.sinks, n - self.window), n, device=kv.device)
+            self.kv[..., self.sinks + (ring_pos - self.sinks) % self.window, :] = kv[..., ring_pos, :]
+        if self.dilation >= 1:
+            grid_pos = _grid_positions(self.dilation, self.sinks, n - self.window, kv.device)
+            if len(grid_pos) > self.kv.shape[-2] - self.sinks - self.window:
+                raise ValueError("RAT+ decode cache is full; pass a larger max_cache_len")
+            start = self.sinks + self.window
+            self.kv[..., start:start + len(grid_pos), :] = kv[..., grid_pos, :]
+            self.grid_len = len(grid_pos)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.kv = self.kv.index_select(1, index)
+        if self.summary is not None:
+            self.summary = self.summary.index_select(0, index)
+
+
+class RatPlusLayerCache:
+    """One layer's decode cache: one ``_HeadGroupCache`` per distinct head pattern (heads with different
+    patterns keep caches of different lengths, spec §4.4), and the recurrence state (before RoPE) in fp32."""
+
+    def __init__(self, pattern: Pattern, *, batch_size: int, num_heads: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype, device, recurrence: bool):
+        self.pattern, self.max_len = pattern, max_len
+        self.groups = [_HeadGroupCache(p, heads, batch_size=batch_size, head_dim=head_dim, max_len=max_len,
+                                       dtype=dtype, device=device) for p, heads in head_groups(pattern, num_heads)]
+        order = [h for g in self.groups for h in g.heads]  # heads in group order
+        self.order = None if order == sorted(order) else sorted(range(num_heads), key=order.__getitem__)
+        self.state = (torch.zeros(2, batch_size, num_heads, head_dim, dtype=torch.float32, device=device)
+                      if recurrence else None)
+        self.length = 0  # positions seen
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for g in self.groups for t in g.tensors()] + ([self.state] if self.state is not None else [])
+
+    def step(self, q: torch.Tensor, kv: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        """Attend position ``length`` (q (B, H, 1, K), its kv (2, B, H, 1, K) after RoPE) to the cache and
+        itself, then store it. Returns (B, H, 1, K)."""
         t = self.length
         if t >= self.max_len:
             raise ValueError(f"RAT+ decode cache is full ({self.max_len} positions); pass a larger max_cache_len")
-        if t < self.sinks:
-            self.sink_kv[..., t, :] = kv
-        elif self.window > 0:
-            slot = (t - self.sinks) % self.window
-            leaving = t - self.window
-            if leaving >= self.sinks and self._is_grid(leaving):
-                self._grid_append(self.ring_kv[..., slot, :])
-            self.ring_kv[..., slot, :] = kv
-        elif self._is_grid(t):
-            self._grid_append(kv)
+        if len(self.groups) == 1:
+            out = self.groups[0].attend(q, kv, t, scale)
+            self.groups[0].append(kv, t)
+        else:
+            outs = []
+            for g in self.groups:
+                outs.append(g.attend(q[:, g.index], kv[:, :, g.index], t, scale))
+                g.append(kv[:, :, g.index], t)
+            out = torch.cat(outs, dim=1)
+            if self.order is not None:
+                out = out[:, self.order]
         self.length += 1
+        return out
 
     def prefill(self, kv: torch.Tensor, state: torch.Tensor | None) -> None:
-        """Store a whole prompt at once (kv: (2, B, H, T, K)); equivalent to ``append`` at every position."""
+        """Store a whole prompt at once (kv: (2, B, H, T, K)); equivalent to ``step`` at every position."""
         n = kv.shape[-2]
         if self.length or n > self.max_len:
             raise ValueError(f"RAT+ decode cache: cannot prefill {n} tokens (holds {self.max_len}, has {self.length})")
-        num_sinks = min(self.sinks, n)
-        self.sink_kv[..., :num_sinks, :] = kv[..., :num_sinks, :]
-        if self.window > 0 and n > self.sinks:  # a prompt inside the sinks leaves the ring empty
-            ring_pos = torch.arange(max(self.sinks, n - self.window), n, device=kv.device)
-            self.ring_kv[..., (ring_pos - self.sinks) % self.window, :] = kv[..., ring_pos, :]
-        if self.dilation >= 1:
-            grid_pos = _grid_positions(self.dilation, self.sinks, n - self.window, kv.device)
-            if len(grid_pos) > self.grid_kv.shape[-2]:
-                raise ValueError("RAT+ decode cache is full; pass a larger max_cache_len")
-            self.grid_kv[..., :len(grid_pos), :] = kv[..., grid_pos, :]
-            self.grid_len = len(grid_pos)
+        for g in self.groups:
+            g.prefill(kv[:, :, g.index])
         if state is not None:
             self.state.copy_(state)
         self.length = n
 
     def reorder(self, index: torch.Tensor) -> None:
-        for name in ("sink_kv", "ring_kv", "grid_kv"):
-            setattr(self, name, getattr(self, name).index_select(1, index))
+        for g in self.groups:
+            g.reorder(index)
         if self.state is not None:
             self.state = self.state.index_select(1, index)
 
@@ -412,9 +623,7 @@ class RatPlusMixer(nn.Module):
             cache.state = f * cache.state + (1 - f) * torch.stack([k, v])[:, :, :, 0].float()
             k, v = (cache.state[i, :, :, None].to(k.dtype) for i in range(2))
         q, k = apply_rotary(q, position, self.rope_theta), apply_rotary(k, position, self.rope_theta)
-        kv = torch.cat([cache.keys_values(), torch.stack([k, v])], dim=-2)
-        a = F.scaled_dot_product_attention(q, kv[0], kv[1])
-        cache.append(torch.stack([k, v])[..., 0, :])
+        a = cache.step(q, torch.stack([k, v]))
         return self._output(a, o)
 
 
@@ -513,12 +722,16 @@ class RatPlusForCausalLM(RatPlusPreTrainedModel, GenerationMixin):
         ], attention_mode)
 
     def cache_nbytes(self, seq_len: int, batch_size: int = 1, attention_mode: str = "sparse") -> int:
-        """Bytes ``new_cache(batch_size, seq_len)`` allocates; needs no weights (works on the meta device)."""
+        """Bytes ``new_cache(batch_size, seq_len)`` allocates; needs no weights (works on the meta device).
+        Per layer: each head's key and value slots (its own pattern's geometry) and, for top-k heads, one
+        pooled key per complete block, plus the fp32 recurrence state."""
         c = self.config
         kv_bytes = self.lm_head.weight.element_size()
         state = 2 * 4 * c.hidden_size if c.apply_recurrence else 0
-        per_seq = sum(2 * kv_bytes * c.hidden_size * cache_slots(p, seq_len) + state
-                      for p in self.layer_patterns(attention_mode))
+        per_seq = 0
+        for p in self.layer_patterns(attention_mode):
+            slots, summaries = layer_cache_slots(p, c.num_attention_heads, seq_len)
+            per_seq += kv_bytes * c.head_dim * (2 * slots + summaries) + state
         return batch_size * per_seq
 
     def forward(

@@ -13,6 +13,7 @@ from megatron.core import tensor_parallel as mc_tp
 
 from ..config.schema import ModelConfig
 from ..parallel.context import ParallelContext
+from ..reference_layout import local_pattern
 from . import ops
 
 
@@ -28,11 +29,23 @@ class ParallelMixer(nn.Module):
         self.width = m.hidden_size // ctx.tp
         self.recurrence = m.apply_recurrence
         self.rope_theta = m.rope_theta
+        self._split = (m.num_heads, ctx.tp, ctx.tp_rank)
         self.pattern = m.layer_patterns()[layer_idx]
         self.in_proj = mc_tp.ColumnParallelLinear(m.hidden_size, m.fused_slices * m.hidden_size, config=mp_config,
                                                   init_method=no_init, bias=False, gather_output=False)
         self.out_proj = mc_tp.RowParallelLinear(m.hidden_size, m.hidden_size, config=mp_config, init_method=no_init,
                                                 bias=False, input_is_parallel=True, skip_bias_add=True)
+
+    @property
+    def pattern(self) -> tuple:
+        """The layer's pattern over all heads (docs/spec.md §4.4); setting it also sets ``local_pattern``, the
+        pattern of this rank's heads, which is what the forward runs."""
+        return self._pattern
+
+    @pattern.setter
+    def pattern(self, value: tuple) -> None:
+        self._pattern = value
+        self.local_pattern = local_pattern(value, *self._split)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:  # [T, B, H*K] -> (B, H, T, K)
         return t.unflatten(-1, (self.heads, self.head_dim)).permute(1, 2, 0, 3)
@@ -50,7 +63,7 @@ class ParallelMixer(nn.Module):
             k, v, _ = ops.recurrence(self._heads(g[0]), k, v)
         positions = torch.arange(position_offset, position_offset + q.shape[-2], device=q.device)
         q, k = ops.apply_rotary(q, positions, self.rope_theta), ops.apply_rotary(k, positions, self.rope_theta)
-        pattern = ops.DENSE if attention_mode == "dense" else self.pattern
+        pattern = ops.DENSE if attention_mode == "dense" else self.local_pattern
         a = ops.attention(q, k, v, pattern, q_offset=position_offset,
                           k_positions=positions if position_offset else None)  # (B, H, T, K)
         y = a.permute(2, 0, 1, 3).flatten(2) * torch.sigmoid(o)  # [T, B, width]

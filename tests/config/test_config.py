@@ -62,6 +62,23 @@ def test_no_file_gives_defaults():
     assert cfg.model.hidden_size == 2048 and cfg.model.layer_patterns() == [(1, 0, 0), (64, 0, 0)]
 
 
+def test_per_head_and_top_k_patterns_resolve_as_the_reference_model_does():
+    """docs/spec.md §4.4, §4.5: per layer, an int or one entry per head; the training config and the HF config
+    built from it give the same layer patterns, and the dump reloads to them."""
+    from ratplus_mega.config.schema import pattern_name
+    from ratplus_mega.reference_layout import reference_config
+
+    cfg = load_config(PRESETS["tiny"], ["model.pattern.dilation=[[1,1,16,16],-1]", "model.pattern.sinks=[[0,4,4,4],2]",
+                                        "model.pattern.topk_blocks=[0,8]", "model.pattern.block_size=16"])
+    patterns = cfg.model.layer_patterns()
+    assert patterns == [((1, 0, 0), (1, 0, 4), (16, 0, 4), (16, 0, 4)), (-1, 0, 2, 8, 16, "max")]
+    assert reference_config(cfg.model).layer_patterns() == patterns
+    assert pattern_name(patterns) == "per-layer:heads:2xdense+2xD16-W0-P4,D-1-W0-P2-top8x16"
+    assert load_config(None, []).model.pattern.is_dense
+    reloaded = yaml.safe_load(dump_config(cfg))["model"]["pattern"]
+    assert reloaded["dilation"] == [[1, 1, 16, 16], -1] and reloaded["topk_blocks"] == [0, 8]
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Validation errors: each names the dotted key and where the value came from
 # ------------------------------------------------------------------------------------------------------------
@@ -108,6 +125,14 @@ OVERRIDE_ERRORS = {
     "eval-pattern-length": ("train.eval_patterns=[{dilation: [1, 2, 3]}]", "train.eval_patterns[0].dilation",
                             "one entry per layer"),
     "eval-pattern-value": ("train.eval_patterns=[{window: -2}]", "train.eval_patterns[0].window", ">= 0"),
+    "per-head-length": ("model.pattern.dilation=[[1,4,4],1]", "model.pattern.dilation[0]",
+                        "one entry per head (4), got 3"),
+    "per-head-value": ("model.pattern.sinks=[0,[0,1,-2,0]]", "model.pattern.sinks[1][2]", ">= 0"),
+    "eval-per-head-length": ("train.eval_patterns=[{window: [[1,2],0]}]", "train.eval_patterns[0].window[0]",
+                             "one entry per head (4), got 2"),
+    "topk-one": ("model.pattern.topk_blocks=[0,[2,0,1,0]]", "model.pattern.topk_blocks[1][2]", "0 (off) or >= 2"),
+    "block-size": ("model.pattern.block_size=0", "model.pattern.block_size", ">= 1"),
+    "block-score": ("model.pattern.block_score=sum", "model.pattern.block_score", "must be one of"),
 }
 
 
@@ -156,7 +181,9 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
     ("model:\n  num_layers: 2\n  pattern:\n    window: [1, 2, 3]\n", "model.pattern.window", 4),
     ("train:\n  lr: 1.0e-3\n  bogus: 1\n", "train.bogus", 3),
     ("model:\n  vocab_size: many\n", "model.vocab_size", 2),
-], ids=["hidden-size", "dilation", "window-list-length", "unknown-key", "wrong-type"])
+    ("model:\n  num_layers: 2\n  num_heads: 4\n  head_dim: 16\n  hidden_size: 64\n  pattern:\n"
+     "    dilation: [[1, 16, 16, 64], 4]\n    window:\n      - 0\n      - [0, 8, 8]\n", "model.pattern.window[1]", 8),
+], ids=["hidden-size", "dilation", "window-list-length", "unknown-key", "wrong-type", "per-head-list-length"])
 def test_file_errors_name_key_and_file_line(tmp_path, text, key, line):
     path = write(tmp_path, "run.yaml", text)
     with pytest.raises(ConfigLoadError) as err:

@@ -33,6 +33,11 @@ PATTERN = ["model.pattern.dilation=4", "model.pattern.window=3", "model.pattern.
 LAYOUTS = {
     "tp2": ["parallel.tensor_parallel=2"],
     "tp2-sp": ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"],
+    # Per-head patterns (docs/spec.md §4.4): the two ranks' heads differ from each other, and within a rank;
+    # rank 1's heads of layer 1 run top-k block attention (§4.5).
+    "tp2-heads": ["parallel.tensor_parallel=2", "model.pattern.dilation=[[1,4,4,-1],[4,4,2,2]]",
+                  "model.pattern.window=[[0,3,0,2],3]", "model.pattern.sinks=[[0,2,2,1],2]",
+                  "model.pattern.topk_blocks=[0,[0,0,3,3]]", "model.pattern.block_size=8"],
     "dp2-zero2": ["parallel.zero_stage=2"],
     "tp2-pp2-zero1": ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2", "parallel.zero_stage=1"],
 }

@@ -38,6 +38,13 @@ def test_tensor_parallel_matches_reference(layout):
 
 
 @pytest.mark.multiproc
+def test_tensor_parallel_with_per_head_patterns_matches_reference():
+    """TP=2 with per-head patterns, top-k heads among them (each rank runs its own heads' patterns): logits,
+    loss and every gradient, dense and sparse."""
+    _launch("tp2-heads", 2)
+
+
+@pytest.mark.multiproc
 def test_zero2_data_parallel_matches_one_process():
     """2 DP ranks under DeepSpeed ZeRO-2: losses, gradient norms and weights after 3 AdamW steps."""
     _launch("dp2-zero2", 2)

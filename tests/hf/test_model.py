@@ -213,10 +213,20 @@ def test_greedy_generate_equals_argmax_chain(models, config, mode, own_cache):
 
 
 def allocated_bytes(cache) -> int:
-    """Bytes of every tensor the cache object holds, found by walking its attributes."""
-    total = 0
-    for layer in cache.layers:
-        total += sum(v.numel() * v.element_size() for v in vars(layer).values() if isinstance(v, torch.Tensor))
+    """Bytes of every distinct tensor the cache object holds, found by walking its attributes (and the lists
+    and objects they hold) recursively."""
+    seen, stack, total = set(), [cache], 0
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            total += obj.untyped_storage().nbytes()
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+        elif hasattr(obj, "__dict__"):
+            stack.extend(vars(obj).values())
     return total
 
 

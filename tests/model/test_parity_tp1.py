@@ -30,6 +30,9 @@ CASES = {
     "Dm1-W5-P1": ["model.pattern.dilation=-1", "model.pattern.window=5", "model.pattern.sinks=1"],
     "per-layer": ["model.pattern.dilation=[1,4]", "model.pattern.window=[0,2]"],
     "no-recurrence": ["model.apply_recurrence=false", "model.pattern.dilation=4"],
+    "per-head": ["model.pattern.dilation=[[1,4,-1,4],8]", "model.pattern.window=[[0,2,3,2],1]"],
+    "top-k": ["model.pattern.dilation=[-1,[8,1,-1,-1]]", "model.pattern.sinks=1", "model.pattern.topk_blocks=3",
+              "model.pattern.block_size=8"],
 }
 
 
