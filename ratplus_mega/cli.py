@@ -11,18 +11,21 @@ from . import __version__
 from .errors import RatplusError
 
 
-def _parse_pattern(text: str) -> tuple[int, int, int]:
+def _parse_pattern(text: str) -> tuple:
+    """``D,W,P`` or, for top-k block attention (docs/spec.md §4.5), ``D,W,P,K,S``: the head pattern (D, W, P)
+    or (D, W, P, K, S, "max"); ``pattern_fields(pattern)`` gives its config fields."""
     try:
-        dilation, window, sinks = (int(x) for x in text.split(","))
+        values = [int(x) for x in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected D,W,P (three integers), got {text!r}") from None
-    from .config.schema import PatternConfig
+        values = []
+    if len(values) not in (3, 5):
+        raise argparse.ArgumentTypeError(f"expected D,W,P or D,W,P,K,S (integers), got {text!r}")
+    from .config.schema import PATTERN_KEYS, PatternConfig
 
     try:
-        PatternConfig(dilation=dilation, window=window, sinks=sinks)
+        return PatternConfig(**dict(zip(PATTERN_KEYS, values))).per_layer(1)[0]
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    return dilation, window, sinks
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -89,7 +92,9 @@ def cmd_import_public(args: argparse.Namespace) -> int:
     if args.pattern_file:
         pattern = read_pattern_file(args.pattern_file)
     else:
-        pattern = dict(zip(("dilation", "window", "sinks"), args.pattern or (1, 0, 0)))
+        from .config.schema import pattern_fields
+
+        pattern = pattern_fields(args.pattern or (1, 0, 0))
     config, state = public_to_hf(args.checkpoint, **pattern, head_dim=args.head_dim)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     out = write_hf_folder(args.out, config, state, args.tokenizer, dtype=dtype, overwrite=args.overwrite)
@@ -176,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="parameters, FLOPs per token and decode-cache size of a config")
     info.add_argument("--config", required=True, help="a model preset or run config (YAML)")
-    info.add_argument("--pattern", type=_parse_pattern, action="append", default=[], metavar="D,W,P",
+    info.add_argument("--pattern", type=_parse_pattern, action="append", default=[], metavar="D,W,P[,K,S]",
                       help="also report this sparse pattern (repeatable)")
     info.add_argument("--check", action="store_true",
                       help="also build the model with random weights, run it and check cached decoding")
@@ -212,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--checkpoint", required=True, help="torch.save file of the public RAT+ code")
     imp.add_argument("--out", required=True, help="HuggingFace folder to write (must not exist)")
     which = imp.add_mutually_exclusive_group()
-    which.add_argument("--pattern", type=_parse_pattern, metavar="D,W,P",
+    which.add_argument("--pattern", type=_parse_pattern, metavar="D,W,P[,K,S]",
                        help="sparse pattern (default: dense); write D=-1 as --pattern=-1,W,P")
     which.add_argument("--pattern-file", metavar="PATTERN.yaml",
                        help="per-layer pattern: {dilation: [...], window: ..., sinks: ...}")
@@ -231,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export-hf", help="a training checkpoint (any layout, ZeRO 0-3) to a HuggingFace folder")
     exp.add_argument("--checkpoint", required=True, help="a committed checkpoint, or a run's checkpoints folder")
     exp.add_argument("--out", required=True, help="HuggingFace folder to write")
-    exp.add_argument("--pattern", type=_parse_pattern, metavar="D,W,P",
+    exp.add_argument("--pattern", type=_parse_pattern, metavar="D,W,P[,K,S]",
                      help="sparse pattern for every layer (default: the run's; write --pattern=-1,W,P for D=-1)")
     exp.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="weights on disk (default bf16)")
     exp.add_argument("--tokenizer", help="sentencepiece .model (default: the run's data.tokenizer)")
@@ -252,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=64)
     mode = gen.add_mutually_exclusive_group()
-    mode.add_argument("--pattern", type=_parse_pattern, metavar="D,W,P",
+    mode.add_argument("--pattern", type=_parse_pattern, metavar="D,W,P[,K,S]",
                       help="decode with this sparse pattern in every layer (write --pattern=-1,W,P for D=-1)")
     mode.add_argument("--dense", action="store_true", help="dense attention with a full cache")
     gen.set_defaults(func=cmd_generate)

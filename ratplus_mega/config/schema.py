@@ -40,6 +40,16 @@ def _per_layer(key: str, value: PerLayerHead, num_layers: int, num_heads: int | 
     return [value] * num_layers
 
 
+PATTERN_KEYS = ("dilation", "window", "sinks", "topk_blocks", "block_size", "block_score")
+"""The pattern's fields in the order of a head pattern's entries (D, W, P, K, S, score)."""
+
+
+def pattern_fields(head_pattern: tuple) -> dict:
+    """The fields (of ``PatternConfig`` or the HF config) that give every head of every layer ``head_pattern``
+    ((D, W, P), or (D, W, P, K, S[, score]) with top-k): top-k is turned off by a plain (D, W, P)."""
+    return {"topk_blocks": 0, **dict(zip(PATTERN_KEYS, head_pattern))}
+
+
 def _entries(values: PerLayerHead, name: str):
     """``(key, value)`` of every int in a per-layer, per-head value, the key naming its place."""
     if not isinstance(values, list):

@@ -295,13 +295,13 @@ def _public_name(name: str) -> str:
 
 
 def public_to_hf(path: str | Path, *, dilation=1, window=0, sinks=0,
-                 head_dim: int | None = None) -> tuple[RatPlusConfig, dict]:
+                 head_dim: int | None = None, **topk) -> tuple[RatPlusConfig, dict]:
     """Load a public checkpoint and return the reference model's config (with the given sparse pattern, an
     int or one entry per layer; the head shape from the checkpoint's config, or ``head_dim``) and state dict.
     Shapes the config rejects raise ValueError."""
     ckpt = _load(Path(path))
     state, shape = convert_public_state_dict(ckpt["task"], ckpt.get("config"), head_dim=head_dim)
-    config = RatPlusConfig(**shape, dilation=dilation, window=window, sinks=sinks)
+    config = RatPlusConfig(**shape, dilation=dilation, window=window, sinks=sinks, **topk)
     return config, state
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import consolidate, resolve_checkpoint
+from ..config.schema import pattern_fields
 from ..reference_layout import reference_config
 from .hf_folder import write_hf_folder
 
@@ -21,7 +22,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, pattern: tuple[int, in
     """Write the HF folder ``out`` for a training checkpoint; ``pattern`` (D, W, P) replaces the configured
     sparse pattern in every layer, ``tokenizer`` defaults to the run's ``data.tokenizer``."""
     run, state = consolidate(resolve_checkpoint(checkpoint, key="--checkpoint"))
-    overrides = dict(zip(("dilation", "window", "sinks"), pattern)) if pattern else {}
+    overrides = pattern_fields(pattern) if pattern else {}
     tokenizer = tokenizer or run.data.tokenizer
     if tokenizer is not None and not Path(tokenizer).is_file():
         raise ValueError(f"tokenizer {tokenizer} not found: pass --tokenizer PATH.model")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..config.schema import pattern_name
+from ..config.schema import pattern_fields, pattern_name
 
 
 @dataclass
@@ -44,7 +44,7 @@ def generate_text(model_dir: str | Path, prompt: str, *, max_new_tokens: int = 6
         with tempfile.TemporaryDirectory() as tmp:
             folder = export_hf(checkpoint, Path(tmp) / "hf", dtype=torch.float32)
             return generate_text(folder, prompt, max_new_tokens=max_new_tokens, pattern=pattern, dense=dense)
-    overrides = dict(zip(("dilation", "window", "sinks"), pattern)) if pattern else {}
+    overrides = pattern_fields(pattern) if pattern else {}
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, local_files_only=True,
                                                  **overrides).eval()
     try:

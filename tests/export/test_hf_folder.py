@@ -201,3 +201,22 @@ def test_tokenizer_that_hf_cannot_reproduce_is_refused(tmp_path, model):
     with pytest.raises(ValueError, match="encodes .* sentencepiece as"):
         write_hf_folder(tmp_path / "hf", model.config, model.state_dict(), sp_model)
     assert not (tmp_path / "hf").exists()
+
+
+def test_per_head_and_top_k_patterns_travel_in_the_folder(tmp_path, tiny_model, assert_close):
+    """docs/spec.md §4.4, §4.5: config.json carries the per-head lists and the top-k fields, and the folder's own
+    copied code runs them: the same logits, and the same decoded logits from its compressed cache."""
+    model = tiny_model(seed=5, hidden_size=32, num_attention_heads=4, head_dim=8, dilation=[[1, 4, -1, 4], -1],
+                       window=[[0, 2, 1, 2], 0], sinks=1, topk_blocks=[[0, 0, 3, 0], 3], block_size=4)
+    out = write_hf_folder(tmp_path / "hf", model.config, model.state_dict(), dtype=torch.float32)
+    config = json.loads((out / "config.json").read_text())
+    assert config["dilation"] == [[1, 4, -1, 4], -1] and config["topk_blocks"] == [[0, 0, 3, 0], 3]
+    loaded = load(out)
+    assert loaded.config.layer_patterns() == model.config.layer_patterns()
+    x = ids(model, t=23)
+    with torch.no_grad():
+        ref = model(x).logits
+        assert_close("logits", loaded(x).logits, ref, FP32_VALUES)
+        cache = loaded(x[:, :9], use_cache=True, max_cache_len=23).past_key_values
+        steps = torch.cat([loaded(x[:, t:t + 1], past_key_values=cache).logits for t in range(9, 23)], dim=1)
+        assert_close("decoded logits", steps, ref[:, 9:], FP32_VALUES)

@@ -64,3 +64,29 @@ def test_generate_command_prints_stats_and_refuses_non_folders(tmp_path, capsys)
     assert "5 new tokens" in out and "decode cache" in out and "[D4-W3-P2]" in out
     assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2
     assert "neither an HF folder" in capsys.readouterr().err
+
+
+def test_generate_with_per_head_and_top_k_patterns(tmp_path):
+    """docs/spec.md §4.4, §4.5: a folder with per-head patterns decodes as its full forward; --pattern D,W,P,K,S
+    switches every layer to top-k block attention at inference (and D,W,P switches it off again)."""
+    folder, _, sp = _folder(tmp_path)
+    cfg = load_config("configs/model/tiny.yaml", ["model.vocab_size=300", "model.pattern.dilation=[[1,4,4,-1],4]",
+                                                  "model.pattern.window=[[0,0,3,2],1]"])
+    weights = reference_init_state_dict(cfg.model, seed=4)
+    heads = write_hf_folder(tmp_path / "heads", reference_config(cfg.model), weights, tmp_path / "tok.model",
+                            dtype=torch.float32)
+    prompt = "the river keeps the stone"
+    ids = torch.tensor([sp.encode(prompt)])
+    for path, overrides, name in [
+        (heads, None, "per-layer:heads:dense+D4-W0-P0+D4-W3-P0+D-1-W2-P0,D4-W1-P0"),
+        (folder, (-1, 0, 1, 3, 4), "D-1-W0-P1-top3x4"),
+    ]:
+        g = generate_text(path, prompt, max_new_tokens=10, pattern=overrides)
+        fields = {} if overrides is None else dict(dilation=-1, window=0, sinks=1, topk_blocks=3, block_size=4)
+        source = cfg if overrides is None else load_config("configs/model/tiny.yaml", ["model.vocab_size=300"])
+        model = RatPlusForCausalLM(reference_config(source.model, **fields)).float().eval()
+        model.load_state_dict(weights if overrides is None else reference_init_state_dict(source.model, seed=4))
+        chain = _argmax_chain(model, ids, 10, "sparse")[0, ids.shape[1]:]
+        assert (g.pattern, g.text) == (name, sp.decode(chain.tolist()))
+        assert g.cache_bytes == model.cache_nbytes(ids.shape[1] + 10)
+    assert generate_text(folder, prompt, max_new_tokens=2, pattern=(8, 0, 1)).pattern == "D8-W0-P1"
