@@ -31,10 +31,11 @@ def main() -> None:
     from ratplus_mega.config import load_config
     from ratplus_mega.model import build_model
     from ratplus_mega.parallel import ParallelContext
+    from ratplus_mega.parallel.process_group import init_distributed
     from ratplus_mega.train.engine import build_engine
     from ratplus_mega.train.joint import train_step
-    from ratplus_mega.train.loop import init_distributed
     from ratplus_mega.train.metrics import device_peak_tflops
+    from ratplus_mega.train.runner import build_step_runner
 
     gpu = torch.cuda.is_available()
     cfg = load_config(args.config, [f"train.micro_batch_size={args.micro_batch}",

@@ -10,5 +10,8 @@ config=${1:?usage: train_deepspeed_multinode.sh CONFIG [key.sub=value ...]}
 shift
 hostfile=${HOSTFILE:?set HOSTFILE to a deepspeed hostfile}
 master=${MASTER_ADDR:-$(awk 'NF && $1 !~ /^#/ {print $1; exit}' "$hostfile")}
-exec deepspeed --hostfile "$hostfile" --master_addr "$master" --master_port "${MASTER_PORT:-29500}" \
+extra=()
+# One host needs no ssh: the launcher then starts the ranks itself, but still probes ssh unless told not to.
+if [ "$(awk 'NF && $1 !~ /^#/' "$hostfile" | wc -l)" -eq 1 ]; then extra+=(--no_ssh_check); fi
+exec deepspeed --hostfile "$hostfile" --master_addr "$master" --master_port "${MASTER_PORT:-29500}" "${extra[@]}" \
     --module ratplus_mega.cli train --config "$config" "$@"

@@ -116,7 +116,10 @@ def cmd_prep_tokenizer(args: argparse.Namespace) -> int:
 
     opts = TokenizerOptions(inputs=args.input, vocab_size=args.vocab_size, out=args.out,
                             model_type=args.model_type, text_field=args.text_field, txt_blocks=args.txt_blocks)
-    path = train_tokenizer(opts)
+    try:
+        path = train_tokenizer(opts)
+    except OSError as e:
+        raise _output_error(e, args.out) from e
     print(f"wrote {path} ({args.model_type}, {args.vocab_size} pieces; unk 0, bos 1, eos 2, byte fallback)")
     return 0
 
@@ -124,9 +127,12 @@ def cmd_prep_tokenizer(args: argparse.Namespace) -> int:
 def cmd_prep_shards(args: argparse.Namespace) -> int:
     from .data_prep.to_mds import PrepOptions, prep_shards
 
-    m = prep_shards(PrepOptions(inputs=args.input, tokenizer=args.tokenizer, out=args.out, seq_len=args.seq_len,
-                                text_field=args.text_field, val_fraction=args.val_fraction, seed=args.seed,
-                                workers=args.workers, strict=args.strict, txt_blocks=args.txt_blocks))
+    try:
+        m = prep_shards(PrepOptions(inputs=args.input, tokenizer=args.tokenizer, out=args.out, seq_len=args.seq_len,
+                                    text_field=args.text_field, val_fraction=args.val_fraction, seed=args.seed,
+                                    workers=args.workers, strict=args.strict, txt_blocks=args.txt_blocks))
+    except OSError as e:
+        raise _output_error(e, args.out) from e
     for split, s in m["splits"].items():
         print(f"{split}: {s['documents']} documents, {s['tokens']} tokens, {s['windows']} windows of "
               f"{m['seq_len'] + 1}, {s['dropped_tokens']} tail tokens dropped")
@@ -136,6 +142,17 @@ def cmd_prep_shards(args: argparse.Namespace) -> int:
         print("\n".join(f"  e.g. {e}" for e in m["skipped"]["examples"]))
     print(f"wrote {args.out}/{{train,val}} and {args.out}/manifest.json")
     return 0
+
+
+def _output_error(e: OSError, out: str) -> RatplusError:
+    """One line for an OSError met by a job that writes ``out``: naming ``--out`` when the failing path is
+    there (unwritable, read-only, a file in the way), else the path itself."""
+    name = str(e.filename or out)
+    reason = e.strerror or type(e).__name__
+    path, target = os.path.abspath(name), os.path.abspath(out)
+    if os.path.commonpath([path, target]) in (path, target):  # --out itself, inside it, or a folder above it
+        return RatplusError(f"--out {out}: cannot write there ({reason}: {name}); choose a folder you can write to")
+    return RatplusError(f"{name}: {reason}")
 
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
@@ -154,11 +171,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .inference.generate import generate_text
 
     g = generate_text(args.model, args.prompt, max_new_tokens=args.max_new_tokens, pattern=args.pattern,
-                      dense=args.dense)
+                      dense=args.dense, tokenizer=args.tokenizer)
     print(args.prompt + g.text)
     print(f"\n[{g.pattern}] {g.prompt_tokens} prompt + {g.new_tokens} new tokens, {g.tokens_per_second:.1f} "
           f"tokens/s, decode cache {g.cache_bytes} bytes")
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .checkpoint import verify_checkpoints
+
+    root, reports = verify_checkpoints(args.run)
+    print(f"{root}: {len(reports)} committed checkpoint{'s' * (len(reports) != 1)}, oldest first")
+    width = max(len(r.path.name) for r in reports) + 2
+    print(f"{'checkpoint':<{width}}{'step':>10}  {'layout':<22}{'run':<25}verifies")
+    for r in reports:
+        layout = " ".join(f"{k}{v}" for k, v in r.layout.items()) if r.layout else "?"
+        if r.problems:
+            first = r.problems[0]
+            what = "REFUSED" if first.refused else "no"
+            more = f" (and {len(r.problems) - 1} more)" if len(r.problems) > 1 else ""
+            verdict = f"{what}: {first.path.name} {first.detail}{more}"
+        else:
+            verdict = f"yes ({r.files} files" + (", sizes and SHA-256 checked)" if r.recorded else
+                                                 "; no checksums recorded: pickles scanned only)")
+        print(f"{r.path.name:<{width}}{r.step:>10}  {layout:<22}{r.run_id or '-':<25}{verdict}")
+    aside = sorted(p.name for p in root.glob("step*.*-*") if p.is_dir())
+    if aside:
+        print(f"set aside (never resumed from or pruned): {', '.join(aside)}")
+    return 0 if all(not r.problems for r in reports) else 1
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
@@ -175,6 +216,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ratplus", description="RAT+ pretraining stack")
     parser.add_argument("--version", action="version", version=f"ratplus-mega {__version__}")
+    # The deepspeed launcher passes --local_rank=N before the subcommand; the rank is read from LOCAL_RANK.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--debug", action="store_true",
                         help="print the traceback of an error too (anywhere on the line; or RATPLUS_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -243,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--overwrite", action="store_true", help="replace --out once the new folder is complete")
     exp.set_defaults(func=cmd_export_hf)
 
+    ver = sub.add_parser("verify", help="list a run's checkpoints: step, layout, and whether each verifies "
+                                        "(exit status 1 if one does not)")
+    ver.add_argument("run", metavar="RUN_DIR", help="a run folder, its checkpoints folder, or one checkpoint")
+    ver.set_defaults(func=cmd_verify)
+
     quick = sub.add_parser("quickstart", help="the whole pipeline on a synthetic corpus, end to end")
     quick.add_argument("--out", default="runs/quickstart", help="where every artefact goes")
     quick.add_argument("--input", nargs="*", default=[], help="your own .txt/.jsonl/.parquet files instead")
@@ -256,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True, help="an HF folder (export-hf, import-public) or a training run")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--tokenizer", metavar="PATH.model",
+                     help="sentencepiece model, where the folder or run has none (or to replace its own)")
     mode = gen.add_mutually_exclusive_group()
     mode.add_argument("--pattern", type=_parse_pattern, metavar="D,W,P[,K,S]",
                       help="decode with this sparse pattern in every layer (write --pattern=-1,W,P for D=-1)")

@@ -1,10 +1,11 @@
 """Pipeline parallel: megatron-core's 1F1B schedule over our stage modules, and the tied-embedding finalize.
 
 DeepSpeed steps the optimizer; megatron-core owns forward and backward across stages (docs/parallelism.md,
-"Who owns backward"; ``train/runner.py`` drives it). The schedule runs on ``engine.module``, never on the engine: through the engine megatron would
-read DeepSpeed's config and DeepSpeed's hooks would divide gradients by the accumulation count a second time.
-After the schedule, :func:`finalize_tied_embedding` makes the first stage's embedding gradient and the last
-stage's head-copy gradient both equal their sum, so the two copies stay bitwise equal after every step.
+"Who owns backward"; ``train/runner.py`` drives it). The schedule runs on ``engine.module``, never on the
+engine: through the engine megatron would read DeepSpeed's config and DeepSpeed's hooks would divide gradients
+by the accumulation count a second time. After the schedule, :func:`finalize_tied_embedding` makes the first
+stage's embedding gradient and the last stage's head-copy gradient both equal their sum, so the two copies stay
+bitwise equal after every step.
 """
 
 from __future__ import annotations

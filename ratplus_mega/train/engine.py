@@ -88,12 +88,3 @@ def build_engine(cfg: RunConfig, ctx: ParallelContext, model: RatPlusLM, runner:
 def set_learning_rate(engine, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
-
-
-def prepare_deepspeed_for_cpu() -> None:
-    """Call before ``deepspeed.init_distributed`` on a machine without CUDA: skips a shared-memory op that
-    DeepSpeed would otherwise compile for minutes."""
-    if not torch.cuda.is_available():
-        import deepspeed.ops
-
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

@@ -16,13 +16,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import latest_checkpoint, restore_rng_state, resume_checkpoint, rng_state, save_checkpoint
+from ..checkpoint import (latest_checkpoint, new_run_id, read_marker, restore_rng_state, resume_checkpoint, rng_state,
+                          save_checkpoint, select_resume_checkpoint, set_aside, step_of)
 from ..config.load import dump_config
 from ..config.schema import RunConfig, pattern_name
 from ..model import build_model
 from ..parallel.context import ParallelContext
+from ..parallel.process_group import init_distributed
 from .data import build_train_data, check_data, validation_batches
-from .engine import build_engine, gradient_accumulation_steps, prepare_deepspeed_for_cpu
+from .engine import build_engine, gradient_accumulation_steps
 from .evaluate import evaluate
 from .joint import StepResult, train_step
 from .metrics import MetricsLog, Throughput, device_peak_tflops, training_flops_per_token
@@ -48,38 +50,6 @@ class StopFlag:
         return bool(flag.item())
 
 
-def init_distributed() -> None:
-    """Join the launcher's process group, or form a one-process group when run without a launcher.
-
-    Without a launcher and without ``MASTER_PORT``, the group's store listens on a port the kernel picks (and
-    ``MASTER_PORT`` is set to it), so that several runs on one host never contend for a fixed port; a
-    ``MASTER_PORT`` the user sets is used as given."""
-    if dist.is_initialized():
-        return
-    prepare_deepspeed_for_cpu()
-    store = None
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # no launcher (or a one-process one): fill in what is missing
-        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
-            os.environ.setdefault(key, value)
-        if "MASTER_PORT" not in os.environ:
-            store = _store_on_free_port(os.environ["MASTER_ADDR"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if store is None:
-        dist.init_process_group(backend)
-    else:
-        dist.init_process_group(backend, store=store, rank=0, world_size=1)
-
-
-def _store_on_free_port(host: str) -> dist.TCPStore:
-    """A one-process TCPStore listening on a port the kernel assigns (bound once: no window in which another
-    process could take it); ``MASTER_PORT`` is set to that port for anything that reads it later."""
-    store = dist.TCPStore(host, 0, world_size=1, is_master=True)
-    os.environ["MASTER_PORT"] = str(store.port)
-    return store
-
-
 def total_steps(cfg: RunConfig) -> int:
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
     steps = cfg.train.train_tokens // tokens_per_step
@@ -91,18 +61,20 @@ def total_steps(cfg: RunConfig) -> int:
 
 def run_training(cfg: RunConfig) -> int:
     """Train until the token budget is spent or a stop signal arrives; returns the process exit code."""
-    init_distributed()
+    stop = StopFlag()  # before anything slow: a signal during set-up is acted on after the first step
+    init_distributed(cfg.parallel.device)
     ctx = ParallelContext.initialize(cfg.parallel)
     check_data(cfg)
     accum = gradient_accumulation_steps(cfg, ctx)
     steps, out = total_steps(cfg), Path(cfg.train.out_dir)
+    _claim_out_dir(cfg, out)
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
     torch.manual_seed(cfg.train.seed)
     runner = build_step_runner(ctx, seq_len=cfg.model.seq_len)
     engine = build_engine(cfg, ctx, build_model(cfg.model, ctx, seed=cfg.train.seed), runner)
     data = build_train_data(cfg, runner.feed, accum)
     val_batches = validation_batches(cfg, runner.feed)
-    start = _resume(cfg, ctx, engine, data, out / "checkpoints")
+    start, run_id = _resume(cfg, ctx, engine, data, out / "checkpoints")
     if start == 0 and cfg.train.phase == "adapt":
         load_pretrained_weights(engine, cfg.train.init_from, tp=ctx.tp, pp=ctx.pp)
     rank0 = dist.get_rank() == 0
@@ -112,12 +84,12 @@ def run_training(cfg: RunConfig) -> int:
     log = MetricsLog(out if rank0 else None, resume_step=start, total_steps=steps)
     meter = Throughput(tokens_per_step, training_flops_per_token(cfg.model, joint=cfg.train.joint),
                        dist.get_world_size(), device_peak_tflops(), steps, start_step=start)
-    stop, warmup = StopFlag(), warmup_steps(steps, cfg.train.warmup_fraction)
+    warmup = warmup_steps(steps, cfg.train.warmup_fraction)
     sparse_name = pattern_name(cfg.model.layer_patterns())
     for step in range(start, steps):
         lr = learning_rate(step, total_steps=steps, peak=cfg.train.lr, floor=cfg.train.min_lr, warmup=warmup)
         result = train_step(runner, engine, data.next_micro_batches(), lr=lr, joint=cfg.train.joint)
-        _check_finite(result, step, out / "checkpoints")
+        _check_finite(result, step, out / "checkpoints", engine)
         done = step + 1
         if done % cfg.train.log_interval == 0 or done == steps:
             log.write({"kind": "train", "step": done, "tokens": done * tokens_per_step, "train/lr": lr,
@@ -126,7 +98,7 @@ def run_training(cfg: RunConfig) -> int:
             _validate(cfg, runner, engine.module, val_batches, log, done, tokens_per_step)
         stopping = stop.any_rank(ctx)
         if done % cfg.train.save_interval == 0 or done == steps or stopping:
-            save_checkpoint(engine, out / "checkpoints", step=done, run=cfg, layout=ctx.sizes(),
+            save_checkpoint(engine, out / "checkpoints", step=done, run=cfg, layout=ctx.sizes(), run_id=run_id,
                             rank_state={"step": done, "data": data.state_dict(), "rng": rng_state()})
         meter.restart(done)  # validation and saving are not training time
         if stopping:
@@ -138,27 +110,66 @@ def run_training(cfg: RunConfig) -> int:
     return 0
 
 
-def _resume(cfg, ctx, engine, data, root: Path) -> int:
-    path = latest_checkpoint(root) if cfg.train.resume == "auto" else None
+def _claim_out_dir(cfg: RunConfig, out: Path) -> None:
+    """Collective, before a run writes to ``out``: a run that starts afresh (``train.resume=never``) never writes
+    over committed checkpoints. Refused, naming the newest; with ``train.overwrite=true`` the checkpoints folder,
+    with the old run's config, metrics and TensorBoard logs, moves aside to ``checkpoints.replaced-<time>``."""
+    from ..errors import RatplusError
+
+    root = out / "checkpoints"
+    newest = latest_checkpoint(root) if cfg.train.resume == "never" else None
+    if newest is None:
+        return
+    if not cfg.train.overwrite:
+        raise RatplusError(f"train.out_dir {out} already holds checkpoints (the newest: step {step_of(newest)}, "
+                           f"{newest}) and train.resume=never would write over them: choose a new train.out_dir, "
+                           "continue them with train.resume=auto, or set train.overwrite=true to move them aside "
+                           f"(to {root}.replaced-<time>) and start afresh")
+    dist.barrier()
+    if dist.get_rank() == 0:
+        aside = set_aside(root, "replaced")
+        for name in ("config.yaml", "metrics.jsonl", "tensorboard"):
+            if (out / name).exists():
+                os.replace(out / name, aside / name)
+        print(f"train.overwrite: moved the checkpoints in {out} (the newest: step {step_of(newest)}) and their "
+              f"run's config, metrics and TensorBoard logs to {aside}", flush=True)
+    dist.barrier()
+
+
+def _resume(cfg, ctx, engine, data, root: Path) -> tuple[int, str]:
+    """(step to start from, run id): the newest checkpoint that verifies, or step 0 and a new run id."""
+    path = select_resume_checkpoint(root) if cfg.train.resume == "auto" else None
     if path is None:
-        return 0
+        return 0, new_run_id()
     state = resume_checkpoint(engine, path, run=cfg, layout=ctx.sizes())
     data.load_state_dict(state["data"])
     restore_rng_state(state["rng"])
     if dist.get_rank() == 0:
         print(f"resumed from {path} (step {state['step']})", flush=True)
-    return state["step"]
+    return state["step"], read_marker(path).run_id or new_run_id()
 
 
-def _check_finite(result, step: int, root: Path) -> None:
-    losses = [result.sparse.loss] + ([result.dense.loss] if result.dense else [])
-    if not all(math.isfinite(x) for x in losses):
+def _check_finite(result, step: int, root: Path, engine) -> None:
+    """Stop a diverging run before it logs or saves the step: a pass's loss, or its gradient norm where the
+    engine measures one (ZeRO-0 without clipping does not), went non-finite. Steps are numbered as the log
+    numbers them; the checkpoints already committed stay as they are."""
+    from ..errors import RatplusError
+
+    measured = engine.get_global_grad_norm() is not None
+    passes = [("sparse pass ", result.sparse), ("dense pass ", result.dense)] if result.dense else [("", result.sparse)]
+    bad = [f"{name}{what} {value}" for name, p in passes
+           for what, value in (("loss", p.loss), ("grad norm", p.grad_norm))
+           if (what == "loss" or measured) and not math.isfinite(value)]
+    if bad:
         last = latest_checkpoint(root)
-        raise RuntimeError(f"non-finite loss {losses} at step {step}; last good checkpoint: {last or 'none'}")
+        kept = (f"the last good checkpoint, {last}, is kept: resume from it with a lower train.lr" if last else
+                "no checkpoint was saved before it")
+        raise RatplusError(f"training diverged at step {step + 1}: {', '.join(bad)}; {kept}")
 
 
 def _pass_values(result: StepResult, sparse_name: str) -> dict[str, float]:
-    values = {f"train/loss_{sparse_name}": result.sparse.loss, f"train/grad_norm_{sparse_name}": result.sparse.grad_norm}
+    values = {f"train/loss_{sparse_name}": result.sparse.loss,
+              f"train/grad_norm_{sparse_name}": result.sparse.grad_norm}
     if result.dense:
         values.update({"train/loss_dense": result.dense.loss, "train/grad_norm_dense": result.dense.grad_norm})
     return values
