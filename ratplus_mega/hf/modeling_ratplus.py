@@ -14,6 +14,7 @@ Shapes: B batch, T time, H heads, K head dim, C channels; attention tensors are 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -408,34 +409,34 @@ class _HeadGroupCache:
                                               torch.cat([self.kv[1, :, :, :n], kv[1]], dim=-2), scale=scale)
 
     def _attend_topk(self, q, kv, t: int, scale):
-        """The (D, W, P) keys, the first and own blocks (the same for every row and head, one index list), and
-        each row's and head's selected blocks (gathered); keys of a selected block already in the first set
-        are masked out, so every key counts once."""
-        _, block_size, _ = self.topk
+        """Position t's top-k attention (spec §4.5): the keys every row and head sees (its (D, W, P) keys, the
+        first and the own block: one index list), then each row's and head's K - 2 selected blocks, gathered, with
+        the keys already in the first list masked out (so every key counts once), then its own key; one SDPA
+        call. The same selection rule as ``select_blocks`` (stable sort: ties to the lower block)."""
+        blocks_k, block_size, _ = self.topk
         own = t // block_size
-        positions = torch.arange(t, device=q.device)
-        base = base_allowed(torch.tensor([t], device=q.device), positions, self.pattern)[0]
-        fixed = torch.nonzero(base | (positions < block_size) | (positions >= own * block_size)).flatten()
-        keys, values = self.kv[0, :, :, fixed], self.kv[1, :, :, fixed]
+        fixed = _fixed_topk_positions(self.pattern, t, q.device)
+        keys, values = [self.kv[0, :, :, fixed]], [self.kv[1, :, :, fixed]]
         mask = None
-        if own >= 2 and self.topk[0] > 2:
-            chosen = select_blocks(q, self.summary[:, :, :own], torch.tensor([t], device=q.device), self.pattern)
-            picks = min(self.topk[0] - 2, own - 1)
-            # The chosen blocks other than the first and the own one, in block order (B, h, picks).
-            others = chosen[..., 0, 1:own]
-            blocks = torch.sort(torch.where(others, torch.arange(1, own, device=q.device), own), dim=-1).values
-            blocks = blocks[..., :picks]
-            slots = (blocks[..., None] * block_size + torch.arange(block_size, device=q.device)).flatten(-2)
-            valid = torch.gather(others, -1, blocks - 1).repeat_interleave(block_size, dim=-1)
-            valid = valid & ~torch.isin(slots, fixed)
+        picks = min(blocks_k - 2, own - 1)
+        if picks > 0:
+            scores = torch.matmul(q.float(), self.summary[:, :, 1:own].float().transpose(-1, -2))[:, :, 0]
+            chosen = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :picks] + 1
+            slots = (chosen[..., None] * block_size + torch.arange(block_size, device=q.device)).flatten(-2)
+            dilation, window, sinks = self.pattern[:3]
+            seen = (slots < sinks) | (t - slots <= window)
+            if dilation != -1:
+                seen = seen | ((slots + 1) % dilation == 0)
             index = slots[..., None].expand(*slots.shape, self.kv.shape[-1])
-            keys = torch.cat([keys, torch.gather(self.kv[0], 2, index)], dim=-2)
-            values = torch.cat([values, torch.gather(self.kv[1], 2, index)], dim=-2)
-            mask = torch.cat([torch.ones(*valid.shape[:2], len(fixed) + 0, dtype=torch.bool, device=q.device),
-                              valid, torch.ones(*valid.shape[:2], 1, dtype=torch.bool, device=q.device)], dim=-1)
-            mask = mask[:, :, None, :]
-        keys, values = torch.cat([keys, kv[0]], dim=-2), torch.cat([values, kv[1]], dim=-2)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+            keys.append(torch.gather(self.kv[0], 2, index))
+            values.append(torch.gather(self.kv[1], 2, index))
+            rows = (*slots.shape[:2], 1)
+            mask = torch.cat([q.new_ones(*rows[:2], len(fixed), dtype=torch.bool), ~seen,
+                              q.new_ones(rows, dtype=torch.bool)], dim=-1)[:, :, None, :]
+        keys.append(kv[0])
+        values.append(kv[1])
+        return F.scaled_dot_product_attention(q, torch.cat(keys, dim=-2), torch.cat(values, dim=-2), attn_mask=mask,
+                                              scale=scale)
 
     def append(self, kv: torch.Tensor, t: int) -> None:
         """Store position t (kv: (2, B, h, 1, K), after RoPE)."""
@@ -482,6 +483,17 @@ class _HeadGroupCache:
         self.kv = self.kv.index_select(1, index)
         if self.summary is not None:
             self.summary = self.summary.index_select(0, index)
+
+
+@functools.lru_cache(maxsize=16)
+def _fixed_topk_positions(pattern: Pattern, t: int, device) -> torch.Tensor:
+    """Positions < t that a top-k head's query at t sees whatever it selects: its (D, W, P) keys, the first
+    block and its own block (once per step and pattern, shared by the layers)."""
+    block_size = topk_of(pattern)[1]
+    positions = torch.arange(t, device=device)
+    base = base_allowed(torch.tensor([t], device=device), positions, pattern)[0]
+    own_start = t // block_size * block_size
+    return torch.nonzero(base | (positions < block_size) | (positions >= own_start)).flatten()
 
 
 class RatPlusLayerCache:
