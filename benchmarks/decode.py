@@ -7,8 +7,8 @@ protocol, docs/spec.md §7.4), each row's ratio to dense measured in the same ru
 
 Protocol. One model, random weights; every pattern runs the same weights (the reference model of
 ``ratplus_mega/hf``, its compressed decode cache and its decode step). For each context T (4096 and 16384) the
-cache of every sequence of a batch is filled to position T - N - 1 with random keys and values through the
-cache's own prefill (the paper's "simulated prefill"), one step is decoded to warm up, then N steps are timed
+cache of every sequence of a batch is filled to position T - N - 1 with random keys and values, with the
+bookkeeping of the cache's own prefill (the paper's "simulated prefill"), one step is decoded to warm up, then N steps are timed
 (the paper: N = 1024; here by default 8 on CPU) and decode throughput is B·N / time. The batch B is swept
 upward (doubling, or in steps of ``--batch-step`` as the paper does) until the caches would pass
 ``--memory-gb`` (CPU; default 2) or the device runs out of memory (GPU), and the best throughput is
@@ -85,15 +85,24 @@ def build_model(base, fields: dict, dtype, device):
 
 
 def fill_cache(model, batch: int, context: int, length: int):
-    """A cache for ``batch`` sequences of up to ``context`` tokens holding ``length`` random positions."""
+    """A cache for ``batch`` sequences of up to ``context`` tokens that holds ``length`` positions: every buffer
+    filled with random keys and values, and the bookkeeping the cache's own prefill of ``length`` tokens leaves
+    (positions seen, grid-store fill; ``tests/benchmarks/test_decode.py`` holds it to a real prefill). Random
+    values only where the cache keeps positions, so a D = 64 batch costs its own cache, not a dense one."""
+    from ratplus_mega.hf.modeling_ratplus import _grid_positions
+
     c, p = model.config, model.lm_head.weight
     cache = model.new_cache(batch, context)
     g = torch.Generator(device=p.device).manual_seed(1)
-    kv = torch.randn(2, batch, c.num_attention_heads, length, c.head_dim, generator=g, device=p.device,
-                     dtype=p.dtype)
-    state = torch.randn(2, batch, c.num_attention_heads, c.head_dim, generator=g, device=p.device)
     for layer in cache.layers:
-        layer.prefill(kv, state if c.apply_recurrence else None)
+        for group in layer.groups:
+            for t in group.tensors():
+                t.copy_(torch.randn(t.shape, generator=g, device=p.device, dtype=torch.float32))
+            if not group.topk and group.dilation >= 1:
+                group.grid_len = len(_grid_positions(group.dilation, group.sinks, length - group.window, "cpu"))
+        if layer.state is not None:
+            layer.state.normal_(generator=g)
+        layer.length = length
     return cache
 
 

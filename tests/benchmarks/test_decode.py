@@ -55,15 +55,23 @@ def test_rows_cover_every_pattern_and_context_with_ratios_to_dense(decode, capsy
     assert "commit" in out and "vs dense" in out
 
 
-def test_filled_cache_decodes_through_the_model(decode):
-    """The simulated prefill leaves the cache at the asked length, and a step then decodes position length."""
+@pytest.mark.parametrize("pattern", ["1,0,0", "8,3,2", "4,0,5", "-1,2,1", "-1,2,1,3,4", "1,0,0/6,2,1"])
+@pytest.mark.parametrize("length", [3, 30])
+def test_simulated_prefill_leaves_what_a_real_prefill_leaves(decode, pattern, length):
+    """The simulated prefill's bookkeeping (positions seen, grid-store fill, slots in use) equals a real prefill's
+    of as many tokens, and the model then decodes the next position from it."""
     from ratplus_mega.config import load_config
     from ratplus_mega.reference_layout import reference_config
 
     base = reference_config(load_config("configs/model/tiny.yaml", [*TINY, "model.seq_len=40"]).model)
-    model = decode.build_model(base, decode.parse_pattern("-1,2,1,3,4", 4), torch.float32, "cpu")
-    cache = decode.fill_cache(model, 3, 40, 30)
-    assert cache.seen_tokens == 30 and cache.nbytes() == model.cache_nbytes(40, 3)
+    model = decode.build_model(base, decode.parse_pattern(pattern, 4), torch.float32, "cpu")
+    simulated = decode.fill_cache(model, 3, 40, length)
     with torch.no_grad():
-        out = model(torch.zeros(3, 1, dtype=torch.long), past_key_values=cache)
-    assert out.logits.shape == (3, 1, 97) and cache.seen_tokens == 31
+        real = model(torch.zeros(3, length, dtype=torch.long), use_cache=True, max_cache_len=40).past_key_values
+    for a, b in zip(simulated.layers, real.layers):
+        assert a.length == b.length == length
+        assert [(g.grid_len, g.filled(length)) for g in a.groups] == [(g.grid_len, g.filled(length)) for g in b.groups]
+    assert simulated.nbytes() == model.cache_nbytes(40, 3)
+    with torch.no_grad():
+        out = model(torch.zeros(3, 1, dtype=torch.long), past_key_values=simulated)
+    assert out.logits.shape == (3, 1, 97) and torch.isfinite(out.logits).all() and simulated.seen_tokens == length + 1
