@@ -9,9 +9,13 @@ LLaMA's tokenizer does.
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 from dataclasses import dataclass
 from typing import Iterator
+
+from ratplus_mega.errors import RatplusError
 
 from .readers import BadRecord, expand_inputs, iter_records, parse_record
 
@@ -54,14 +58,20 @@ def _lines(opts: TokenizerOptions) -> Iterator[str]:
 def train_tokenizer(opts: TokenizerOptions) -> str:
     """Train on the inputs' documents and write ``opts.out``; returns its path.
 
-    Raises ValueError when an input cannot be read or sentencepiece rejects the corpus (e.g. too little
-    text for the vocabulary size)."""
+    Raises ValueError when an input cannot be read, RatplusError when the inputs hold no text or
+    sentencepiece rejects the corpus (e.g. too little text for the vocabulary size); nothing is written then."""
     import sentencepiece as spm
 
+    lines = _lines(opts)
+    first = next(lines, None)
+    if first is None:
+        raise RatplusError(f"--input {' '.join(opts.inputs)}: no text to train a tokenizer on (the documents are "
+                           f"empty, or none has the field {opts.text_field!r})")
     os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_lines(opts), model_prefix=opts.out[: -len(".model")], model_type=opts.model_type,
+            sentence_iterator=itertools.chain([first], lines), model_prefix=opts.out[: -len(".model")],
+            model_type=opts.model_type,
             vocab_size=opts.vocab_size, normalization_rule_name="identity", remove_extra_whitespaces=False,
             allow_whitespace_only_pieces=True, byte_fallback=True, split_digits=True,
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=opts.character_coverage,
@@ -69,5 +79,7 @@ def train_tokenizer(opts: TokenizerOptions) -> str:
             num_threads=opts.num_threads, minloglevel=2,
         )
     except RuntimeError as e:
-        raise ValueError(f"sentencepiece training for {opts.out} failed: {e}") from None
+        # sentencepiece's text is "INTERNAL: src/file.cc(line) [condition] message": keep the message only
+        reason = re.sub(r"^\w+: \S+\(\d+\) \[.*?\]\s*", "", str(e)).strip() or "it rejected the corpus"
+        raise RatplusError(f"sentencepiece training for {opts.out} failed: {reason}") from None
     return opts.out

@@ -21,7 +21,7 @@ import torch
 
 from ..hf import RatPlusConfig, RatPlusForCausalLM
 
-__all__ = ["AUTO_MAP", "DEFAULT_MAX_SHARD_BYTES", "write_hf_folder"]
+__all__ = ["AUTO_MAP", "DEFAULT_MAX_SHARD_BYTES", "sentencepiece_tokenizer", "write_hf_folder"]
 
 AUTO_MAP = {
     "AutoConfig": "configuration_ratplus.RatPlusConfig",
@@ -149,18 +149,25 @@ def _write_weights(folder: Path, tensors: dict[str, torch.Tensor], max_shard_byt
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _write_tokenizer(folder: Path, model_file: Path) -> None:
-    """Slow and fast LLaMA tokenizer files for a sentencepiece model; no BOS is added (spec §5.1)."""
-    import sentencepiece as spm
-    from transformers import AutoTokenizer, LlamaTokenizer, LlamaTokenizerFast
+def sentencepiece_tokenizer(model_file: Path):
+    """The fast LLaMA tokenizer of a sentencepiece model, as the folder stores it; no BOS is added (spec §5.1)."""
+    from transformers import LlamaTokenizerFast
 
-    if not model_file.is_file():
+    if not Path(model_file).is_file():
         raise ValueError(f"tokenizer {model_file}: no such file")
-    sp = spm.SentencePieceProcessor(model_file=str(model_file))
     # legacy=True with add_prefix_space=True is the conversion that keeps sentencepiece's dummy prefix and
     # whitespace handling (the non-legacy one drops the prefix of a leading space).
-    LlamaTokenizerFast(vocab_file=str(model_file), add_bos_token=False, add_eos_token=False, legacy=True,
-                       add_prefix_space=True, from_slow=True).save_pretrained(folder)
+    return LlamaTokenizerFast(vocab_file=str(model_file), add_bos_token=False, add_eos_token=False, legacy=True,
+                              add_prefix_space=True, from_slow=True)
+
+
+def _write_tokenizer(folder: Path, model_file: Path) -> None:
+    """Slow and fast LLaMA tokenizer files for a sentencepiece model, checked against sentencepiece."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer, LlamaTokenizer
+
+    sentencepiece_tokenizer(model_file).save_pretrained(folder)
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
     for cls in (AutoTokenizer, LlamaTokenizer):
         tok = cls.from_pretrained(folder)
         for text in _PROBE_TEXTS:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from dataclasses import dataclass
@@ -24,16 +25,23 @@ class Generation:
 
 
 def generate_text(model_dir: str | Path, prompt: str, *, max_new_tokens: int = 64,
-                  pattern: tuple[int, int, int] | None = None, dense: bool = False) -> Generation:
+                  pattern: tuple[int, int, int] | None = None, dense: bool = False,
+                  tokenizer: str | Path | None = None) -> Generation:
     """Greedy continuation of ``prompt`` (encoded without BOS, as in training).
 
-    ``pattern`` (D, W, P) overrides the folder's sparse pattern in every layer; ``dense`` decodes with dense
-    attention and a full cache instead. Loads offline; the folder's own model code runs (trust_remote_code)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    ``model_dir`` is an HF folder or a training run (exported on the fly to a temporary folder). ``pattern``
+    (D, W, P) overrides the folder's sparse pattern in every layer; ``dense`` decodes with dense attention and
+    a full cache instead. ``tokenizer`` (a sentencepiece ``.model``) replaces the folder's or the run's own,
+    and is needed where they have none. Loads offline and never asks a question: the folder's model code runs
+    (trust_remote_code, as for every folder this package writes), a tokenizer is never loaded as code.
+    Raises RatplusError (one line) for a folder without weights or tokenizer, or with damaged weights."""
+    from ..errors import RatplusError
 
     model_dir = Path(model_dir)
+    if tokenizer is not None and not Path(tokenizer).is_file():
+        raise RatplusError(f"--tokenizer {tokenizer}: no such file")
     if not (model_dir / "config.json").is_file():
-        from ..checkpoint import resolve_checkpoint
+        from ..checkpoint import resolve_checkpoint, run_config
         from ..export.to_hf import export_hf
 
         try:
@@ -41,16 +49,18 @@ def generate_text(model_dir: str | Path, prompt: str, *, max_new_tokens: int = 6
         except ValueError:
             raise ValueError(f"--model {model_dir}: neither an HF folder (config.json) nor a training run or "
                              "checkpoint") from None
+        tokenizer = tokenizer or run_config(checkpoint).data.tokenizer
+        if not tokenizer:
+            raise RatplusError(f"--model {model_dir}: the run's config names no tokenizer (data.tokenizer); pass "
+                               "--tokenizer PATH.model")
+        if not Path(tokenizer).is_file():
+            raise RatplusError(f"--model {model_dir}: the run's tokenizer {tokenizer} is not there; pass "
+                               "--tokenizer PATH.model")
         with tempfile.TemporaryDirectory() as tmp:
-            folder = export_hf(checkpoint, Path(tmp) / "hf", dtype=torch.float32)
+            folder = export_hf(checkpoint, Path(tmp) / "hf", dtype=torch.float32, tokenizer=tokenizer)
             return generate_text(folder, prompt, max_new_tokens=max_new_tokens, pattern=pattern, dense=dense)
-    overrides = pattern_fields(pattern) if pattern else {}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, local_files_only=True,
-                                                 **overrides).eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--model {model_dir}: no tokenizer in the folder ({e})") from None
+    _check_weights(model_dir)
+    model, tokenizer = _load(model_dir, pattern, tokenizer)
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
     if ids.shape[1] == 0:
         raise ValueError("--prompt: the prompt encodes to no tokens")
@@ -66,3 +76,56 @@ def generate_text(model_dir: str | Path, prompt: str, *, max_new_tokens: int = 6
     return Generation(text=tokenizer.decode(new, skip_special_tokens=True), prompt_tokens=ids.shape[1],
                       new_tokens=len(new), tokens_per_second=len(new) / max(seconds, 1e-9),
                       cache_bytes=out.past_key_values.nbytes(), pattern=pattern_name(layers))
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def _check_weights(folder: Path) -> None:
+    """Refuse, in one line and before transformers reads them, an HF folder whose safetensors are missing,
+    truncated or damaged (their headers and sizes are checked; nothing is unpickled)."""
+    from safetensors import SafetensorError, safe_open
+
+    from ..errors import RatplusError
+
+    index = folder / "model.safetensors.index.json"
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise RatplusError(f"--model {folder}: {index.name} cannot be read; export the folder again") from None
+    names = names or ["model.safetensors"]
+    missing = [name for name in names if not (folder / name).is_file()]
+    if missing:
+        raise RatplusError(f"--model {folder}: the HF folder has no {', '.join(missing)}; export it again "
+                           "(ratplus export-hf, import-public)")
+    for name in names:
+        try:
+            with safe_open(str(folder / name), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            reason = str(e).removeprefix("Error while deserializing header: ")
+            raise RatplusError(f"--model {folder}: {name} is truncated or damaged ({reason}); export the folder "
+                               "again") from None
+
+
+def _load(folder: Path, pattern, tokenizer_model):
+    """(model, tokenizer) of an HF folder; the tokenizer from ``tokenizer_model`` if given, else the folder's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..errors import RatplusError
+    from ..export.hf_folder import sentencepiece_tokenizer
+
+    overrides = pattern_fields(pattern) if pattern else {}
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, local_files_only=True,
+                                                 **overrides).eval()
+    if tokenizer_model is not None:
+        return model, sentencepiece_tokenizer(Path(tokenizer_model))
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise RatplusError(f"--model {folder}: the folder has no tokenizer; pass --tokenizer PATH.model (the "
+                           "sentencepiece model the run was trained with)")
+    try:  # trust_remote_code=False: a tokenizer that would need code is refused, never asked about
+        return model, AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RatplusError(f"--model {folder}: its tokenizer cannot be loaded ({first}); pass --tokenizer "
+                           "PATH.model") from None

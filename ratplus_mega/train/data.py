@@ -63,6 +63,23 @@ def check_data(cfg: RunConfig) -> None:
         if not is_remote(folder) and not (Path(folder) / "index.json").is_file():
             raise ValueError(f"{key}: {folder} is not an MDS dataset (no index.json); prepare it with "
                              "`ratplus prep shards`")
+        if not is_remote(folder) and _sample_count(Path(folder) / "index.json") == 0:
+            from ..errors import RatplusError
+
+            more = "more text" if key != "data.val" else "a larger --val-fraction, or leave data.val out"
+            raise RatplusError(f"{key}: {folder} holds no samples (its text was shorter than one window of "
+                               f"model.seq_len + 1 = {cfg.model.seq_len + 1} tokens); give `ratplus prep shards` "
+                               f"{more}")
+
+
+def _sample_count(index: Path) -> int | None:
+    """Samples an MDS ``index.json`` lists; None when it cannot be read (the loader then says why)."""
+    import json
+
+    try:
+        return sum(int(shard.get("samples", 0)) for shard in json.loads(index.read_text()).get("shards", []))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
 
 
 def build_train_data(cfg: RunConfig, feed, accum: int) -> TrainData:
