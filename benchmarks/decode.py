@@ -201,6 +201,7 @@ def main(argv=None) -> list[Row]:
     overrides = args.overrides or ([] if gpu else CPU_MODEL)
     m = load_config(args.config, [*overrides, f"model.seq_len={max(args.contexts)}"]).model
     base = reference_config(m)
+    commit = _commit()  # of the code that runs, read before it runs
 
     rows = []
     for text in args.patterns.split():
@@ -220,7 +221,7 @@ def main(argv=None) -> list[Row]:
                                                            "threads)"
     print(f"\n# decode {args.new_tokens} timed steps after a simulated prefill; {m.num_layers} layers x "
           f"{m.hidden_size} ({m.num_heads} heads of {m.head_dim}), vocab {m.vocab_size}, {args.dtype or dtype} | "
-          f"{device_name} | torch {torch.__version__} | commit {_commit()}")
+          f"{device_name} | torch {torch.__version__} | commit {commit}")
     print(f"{'pattern':<24}{'T':>7}{'batch':>7}{'tokens/s':>11}{'vs dense':>10}{'ms/step':>10}{'cache/seq':>12}"
           f"{'vs dense':>10}{'prefill s':>11}{'vs dense':>10}")
     for context in args.contexts:
