@@ -1,7 +1,8 @@
 """The commit marker of a checkpoint: what was saved (step, layout, model) and whether a run may continue it.
 
 The marker (``COMMITTED.json``) is written last, so a folder that holds one is a whole checkpoint; its
-fields are the only thing resume, adaptation and export read to decide what a checkpoint is.
+fields are the only thing resume, adaptation and export read to decide what a checkpoint is, and the size and
+digest of each file it lists are what a checkpoint is verified against.
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ class Marker:
     model: dict
     """:func:`model_fingerprint` of the model config."""
     time: float
+    run_id: str | None = None
+    """The run that wrote it: drawn when a run starts afresh, carried on by every run that resumes one of its
+    checkpoints. ``train.keep_last`` prunes only checkpoints of its own run. None: written before run ids."""
+    files: dict[str, dict] | None = None
+    """Every other file of the checkpoint (path relative to its folder) -> ``{"size": bytes, "sha256": hex}``,
+    computed while the file was written (``integrity.py``). None: written before checksums were recorded."""
 
 
 def model_fingerprint(m: ModelConfig) -> dict:
@@ -38,7 +45,8 @@ def model_fingerprint(m: ModelConfig) -> dict:
 
 def read_marker(checkpoint: Path) -> Marker:
     raw = json.loads((Path(checkpoint) / MARKER).read_text())
-    return Marker(**{f.name: raw[f.name] for f in dataclasses.fields(Marker)})
+    return Marker(**{f.name: raw[f.name] if f.default is dataclasses.MISSING else raw.get(f.name, f.default)
+                     for f in dataclasses.fields(Marker)})
 
 
 def marker_json(marker: Marker) -> str:

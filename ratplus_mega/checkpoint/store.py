@@ -10,27 +10,36 @@ Layout of ``ROOT``::
     ROOT/.tmp-step000001300/     a save in progress (or interrupted): never loaded, removed by the next save
     ROOT/latest                  the newest committed tag, for humans and DeepSpeed tools
 
-Protocol: every rank writes into the temporary tag and fsyncs its files; barrier;
-rank 0 writes the marker, renames the folder to its final tag with ``os.replace`` and rewrites ``latest``;
-barrier. Resume scans for the newest folder that holds a marker, so ``latest`` is never trusted alone.
-Per-rank files hold tensors and plain containers only and load with ``weights_only=True``.
+Protocol: every rank writes into the temporary tag, hashing each file as it writes it, and fsyncs; the
+ranks' file lists meet on rank 0; rank 0 writes the marker (step, layout, model, run id, each file's size and
+SHA-256), renames the folder to its final tag with ``os.replace``, rewrites ``latest`` and prunes its own run's
+old checkpoints; barrier. Resume scans for the newest folder that holds a marker, so ``latest`` is never
+trusted alone, and verifies it (spread over the ranks) before DeepSpeed opens a file: a damaged one is set
+aside and the next older one tried, a file naming a class outside the allow-list (``trust.py``) stops the run.
+Nothing is ever deleted but the run's own checkpoints beyond ``train.keep_last``.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from ..config.load import dump_config
 from ..config.schema import RunConfig
 from ..durable import fsync_dir, fsync_tree, write_text_durably
-from .marker import CONFIG, MARKER, Marker, check_resumable, marker_json, model_fingerprint
+from ..errors import RatplusError
+from .integrity import (FileCheck, FileProblem, install_recording_engine, listed_files, problem_line, save_recorded,
+                        verify_checkpoint, write_text_recorded)
+from .marker import CONFIG, MARKER, Marker, check_resumable, marker_json, model_fingerprint, read_marker
+from .trust import restricted_loads, safe_load
 
 _TAG = re.compile(r"step(\d{9})")
 
@@ -53,10 +62,36 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def step_of(checkpoint: Path) -> int:
+    """The step a checkpoint folder's name (``step000001200``, or one set aside: ``step000001200.damaged-...``)
+    says it holds."""
+    return int(_TAG.match(Path(checkpoint).name).group(1))
+
+
+def new_run_id() -> str:
+    """Collective: a fresh run id (time and random digits), the same on every rank."""
+    drawn = [f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"]
+    dist.broadcast_object_list(drawn, src=0)
+    return drawn[0]
+
+
+def set_aside(path: Path, why: str) -> Path:
+    """Rename ``path`` to a sibling ``<name>.<why>-<time>`` (never deleted; no longer committed or resumed)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"{path.name}.{why}-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.{why}-{stamp}-{n}")
+    os.replace(path, target)
+    fsync_dir(path.parent)
+    return target
+
+
 def save_checkpoint(engine, root: str | Path, *, step: int, rank_state: dict, run: RunConfig,
-                    layout: dict[str, int]) -> Path:
+                    layout: dict[str, int], run_id: str) -> Path:
     """Collective: save the engine and this rank's ``rank_state`` as committed checkpoint ``step`` of ``run``
-    (laid out as ``layout``), keeping the newest ``run.train.keep_last``."""
+    (laid out as ``layout``) written by run ``run_id``, keeping that run's newest ``run.train.keep_last``."""
     root, rank = Path(root), dist.get_rank()
     tag = tag_for(step)
     tmp = root / f".tmp-{tag}"
@@ -65,22 +100,29 @@ def save_checkpoint(engine, root: str | Path, *, step: int, rank_state: dict, ru
         for stale in root.glob(".tmp-step*"):
             shutil.rmtree(stale, ignore_errors=True)
     dist.barrier()
+    recorder = install_recording_engine(engine)
+    recorder.written.clear()
     engine.save_checkpoint(str(root), tag=tmp.name, client_state={"step": step}, save_latest=False)
     tmp.mkdir(parents=True, exist_ok=True)
-    torch.save(rank_state, tmp / _rank_file(rank))
+    written = {_relative(path, tmp): record for path, record in recorder.written.items()}
+    written[_rank_file(rank)] = save_recorded(rank_state, tmp / _rank_file(rank))
     fsync_tree(tmp)
-    dist.barrier()
+    every_rank: list[dict] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(every_rank, written)  # also the barrier: every rank's files are on disk
     if rank == 0:
-        (tmp / CONFIG).write_text(dump_config(run))
-        marker = Marker(step=step, layout=layout, model=model_fingerprint(run.model), time=time.time())
+        files = {name: record for ranks_files in every_rank for name, record in ranks_files.items()}
+        files[CONFIG] = write_text_recorded(tmp / CONFIG, dump_config(run))
+        marker = Marker(step=step, layout=layout, model=model_fingerprint(run.model), time=time.time(),
+                        run_id=run_id, files=dict(sorted(files.items())))
         write_text_durably(tmp / MARKER, marker_json(marker))
         final = root / tag
-        if final.exists():  # the same step saved again after a resume: replace it whole
-            shutil.rmtree(final)
+        if final.exists():  # the same step saved before (another run's, or one set aside): kept, renamed
+            set_aside(final, "replaced")
         os.replace(tmp, final)
         fsync_dir(root)
         write_text_durably(root / "latest", tag)
-        for old in committed_checkpoints(root)[:-run.train.keep_last]:
+        own = [c for c in committed_checkpoints(root) if _run_id(c) == run_id]
+        for old in own[:-run.train.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return root / tag
@@ -88,25 +130,132 @@ def save_checkpoint(engine, root: str | Path, *, step: int, rank_state: dict, ru
 
 def resume_checkpoint(engine, checkpoint: Path, *, run: RunConfig, layout: dict[str, int]) -> dict:
     """Load committed ``checkpoint`` into ``engine`` (weights, optimizer) after checking that ``run`` laid out as
-    ``layout`` may continue it; returns this rank's state (``step``, ``data``, ``rng``)."""
+    ``layout`` may continue it; returns this rank's state (``step``, ``data``, ``rng``). Every file is loaded
+    weights-only with the allow-list (verify it first: :func:`select_resume_checkpoint`)."""
     check_resumable(checkpoint, layout=layout, model=run.model)
-    engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name, load_lr_scheduler_states=False)
+    install_recording_engine(engine)
+    with restricted_loads():
+        engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name, load_lr_scheduler_states=False)
     return load_rank_state(checkpoint)
 
 
-def load_module_weights(engine, checkpoint: Path) -> None:
-    """Only the weights of committed ``checkpoint`` into ``engine`` (same TP/PP cut; the optimizer stays fresh)."""
-    engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name, load_module_only=True,
-                           load_optimizer_states=False, load_lr_scheduler_states=False)
+def load_module_weights(engine, checkpoint: Path, *, key: str = "train.init_from") -> None:
+    """Collective: only the weights of committed ``checkpoint`` into ``engine`` (same TP/PP cut; the optimizer
+    stays fresh), after its files verify; RatplusError naming ``key`` and the first bad file otherwise."""
+    problems = _verify_collectively(checkpoint).problems
+    if problems:
+        raise RatplusError(f"{key}: {problem_line(checkpoint, problems)}")
+    install_recording_engine(engine)
+    with restricted_loads():
+        engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name, load_module_only=True,
+                               load_optimizer_states=False, load_lr_scheduler_states=False)
 
 
 def load_rank_state(path: Path) -> dict:
-    """This rank's per-rank state of committed checkpoint ``path``."""
+    """This rank's per-rank state of committed checkpoint ``path`` (weights-only, allow-list)."""
     file = path / _rank_file(dist.get_rank())
     if not file.is_file():
         raise RuntimeError(f"{path} has no state for rank {dist.get_rank()} ({file.name}): it was written by a "
                            "run with fewer ranks")
-    return torch.load(file, weights_only=True)
+    return safe_load(file)
+
+
+def select_resume_checkpoint(root: str | Path) -> Path | None:
+    """Collective: the newest committed checkpoint under ``root`` whose files verify (None if there is none).
+
+    Newer ones that do not verify (a file missing, truncated or altered) are named in a warning and set aside
+    (renamed ``<tag>.damaged-<time>``, never deleted). Raises RatplusError, in one line, when a file names a
+    class outside the allow-list (nothing is loaded), or when checkpoints exist and none verifies."""
+    root = Path(root)
+    damaged: list[tuple[Path, list[FileProblem]]] = []
+    chosen = None
+    for checkpoint in reversed(committed_checkpoints(root)):
+        problems = _verify_collectively(checkpoint).problems
+        if any(p.refused for p in problems):
+            raise RatplusError(problem_line(checkpoint, problems))
+        if not problems:
+            chosen = checkpoint
+            break
+        damaged.append((checkpoint, problems))
+    if chosen is None and damaged:
+        listed = "; ".join(f"{c.name}: {problems[0].line()}" for c, problems in damaged)
+        raise RatplusError(f"no checkpoint under {root} verifies ({listed}): restore the files from a copy, or "
+                           "start afresh with a new train.out_dir (or train.resume=never train.overwrite=true, "
+                           "which moves these aside)")
+    if dist.get_rank() == 0:
+        for checkpoint, problems in damaged:
+            aside = set_aside(checkpoint, "damaged")
+            print(f"warning: checkpoint {checkpoint} does not verify: {'; '.join(p.line() for p in problems)}; "
+                  f"set aside as {aside.name}, resuming from {chosen}", file=sys.stderr, flush=True)
+    dist.barrier()
+    return chosen
+
+
+@dataclass
+class CheckpointReport:
+    """What :func:`verify_checkpoints` found for one committed checkpoint."""
+
+    path: Path
+    step: int
+    layout: dict[str, int] | None
+    run_id: str | None
+    files: int
+    recorded: bool
+    """The marker lists each file's size and SHA-256 (checkpoints written before that are only scanned)."""
+    problems: list[FileProblem]
+
+
+def verify_checkpoints(path: str | Path) -> tuple[Path, list[CheckpointReport]]:
+    """One process: ``(root, reports)`` for every committed checkpoint of a run folder, its ``checkpoints``
+    folder or one checkpoint folder, oldest first. RatplusError when there is none."""
+    path = Path(path)
+    if (path / MARKER).is_file():
+        root, found = path.parent, [path]
+    else:
+        root = path / "checkpoints" if committed_checkpoints(path / "checkpoints") else path
+        found = committed_checkpoints(root)
+    if not found:
+        raise RatplusError(f"{path}: no committed checkpoint there (a run folder, its checkpoints folder, or a "
+                           f"folder holding {MARKER})")
+    reports = []
+    for checkpoint in found:
+        check = verify_checkpoint(checkpoint)
+        try:
+            marker = read_marker(checkpoint)
+        except (OSError, ValueError, TypeError, KeyError):
+            marker = None
+        reports.append(CheckpointReport(
+            path=checkpoint, step=step_of(checkpoint), layout=marker.layout if marker else None,
+            run_id=marker.run_id if marker else None, files=len(listed_files(checkpoint, marker)),
+            recorded=bool(marker and marker.files is not None), problems=check.problems))
+    return root, reports
+
+
+def _verify_collectively(checkpoint: Path) -> FileCheck:
+    """Collective: ``checkpoint``'s files checked, spread over the ranks; every rank gets every finding."""
+    mine = verify_checkpoint(checkpoint, rank=dist.get_rank(), world=dist.get_world_size())
+    every_rank: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every_rank, (mine.problems, mine.globals_found))
+    check = FileCheck()
+    for problems, found in every_rank:
+        check.problems.extend(problems)
+        check.globals_found.update(found)
+    check.problems.sort(key=lambda p: (not p.refused, str(p.path)))  # refusals first, as check_files sorts
+    return check
+
+
+def _run_id(checkpoint: Path) -> str | None:
+    try:
+        return read_marker(checkpoint).run_id
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def _relative(path: str, folder: Path) -> str:
+    relative = Path(os.path.relpath(path, os.path.abspath(folder)))
+    if relative.parts and relative.parts[0] == "..":
+        raise RuntimeError(f"DeepSpeed wrote {path} outside the checkpoint folder {folder}")
+    return relative.as_posix()
 
 
 def resolve_checkpoint(path: str | Path, *, key: str) -> Path:

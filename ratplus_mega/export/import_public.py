@@ -15,23 +15,24 @@ inserted anywhere by ``torch.compile``::
     backbone.layers.{i}.hidden_layer.{ln,fc1,fc2}.weight   → model.layers.{i}.{ffn_norm,ffn.fc1,ffn.fc2}.weight
     backbone.ln.weight                                     → model.norm.weight
 
-Loading never unpickles arbitrary objects: ``torch.load(weights_only=True)`` with an explicit allow-list of the
-config classes the public code stores (EasyDict, OmegaConf containers), each admitted only if importable here. A
-file that is not a PyTorch checkpoint, or a damaged one, is refused in one line.
+Loading never unpickles arbitrary objects: ``torch.load(weights_only=True)`` with the project's one allow-list
+(``ratplus_mega/checkpoint/trust.py``), which holds the config classes the public code stores (EasyDict,
+OmegaConf containers), each admitted only if importable here. A file that names another class, that is not a
+PyTorch checkpoint, or a damaged one, is refused in one line.
 """
 
 from __future__ import annotations
 
-import importlib
 import pickle
 import re
 import zipfile
-from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+from ..checkpoint.trust import (ALLOWED_GLOBALS, FileRefused, UnreadableFile, allowed_objects, restricted_loads,
+                               unlisted_globals)
 from ..errors import RatplusError
 from ..hf import RatPlusConfig
 
@@ -43,22 +44,6 @@ __all__ = [
 CONFIG_LAYER_SECTION = "model.backbone.seq_cell"
 """Where the public trainer's (resolved hydra) config keeps the attention layer's ``d_model``, ``d_head`` and
 ``num_head``; its layer config's default head dim is 64, the published models use 128."""
-
-ALLOWED_GLOBALS = (
-    "easydict.EasyDict",
-    "omegaconf.dictconfig.DictConfig", "omegaconf.listconfig.ListConfig", "omegaconf.base.ContainerMetadata",
-    "omegaconf.base.Metadata", "omegaconf.nodes.AnyNode", "omegaconf.nodes.StringNode",
-    "omegaconf.nodes.IntegerNode", "omegaconf.nodes.FloatNode", "omegaconf.nodes.BooleanNode",
-    "typing.Any", "collections.defaultdict",
-    "builtins.dict", "builtins.list", "builtins.tuple", "builtins.set", "builtins.int", "builtins.float",
-    "builtins.str", "builtins.bool",
-)
-"""Non-tensor classes a public checkpoint may hold (its config and plain containers)."""
-
-_STAND_INS = {"easydict.EasyDict": OrderedDict}
-"""Classes read as another one. The weights-only unpickler fills only dict, OrderedDict and Counter, so the
-public trainer's EasyDict config (a dict subclass with mirrored attributes) comes back as an OrderedDict, which
-is all the importer reads of it; the easydict package is not needed."""
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6: a zip archive
 _LEGACY_MAGIC = bytes.fromhex("6cfc9c46f9206aa85019")  # torch.save's magic number in its older pickle format
@@ -88,9 +73,9 @@ def _load(path: Path) -> dict:
     if not path.is_file():
         raise ValueError(f"checkpoint {path}: no such file")
     _check_is_torch_file(path)
-    allowed = _allowed_globals(path)
+    found = _allowed_globals(path)
     try:
-        with torch.serialization.safe_globals(allowed):
+        with restricted_loads(found):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # Only the legacy format gets here with a class outside the list (zip files were checked above).
@@ -124,36 +109,29 @@ def _check_is_torch_file(path: Path) -> None:
                        "trainer's .pth file")
 
 
-def _allowed_globals(path: Path) -> list:
-    """The allow-listed objects this file needs; raises naming any other class it holds."""
+def _allowed_globals(path: Path) -> list[str] | None:
+    """The allow-listed classes this file holds (None for the legacy format, whose unpickler is given the whole
+    list and refuses anything else it meets); raises naming any other class it holds."""
     if not zipfile.is_zipfile(path):
-        return []  # a legacy-format file: the weights-only loader itself refuses any global it meets
+        return None
     try:
-        found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile, pickle.UnpicklingError):
+        found, unlisted = unlisted_globals(path)
+    except UnreadableFile:
         raise RatplusError(f"checkpoint {path}: a zip archive that PyTorch cannot read as a checkpoint; it is "
                            "truncated, damaged or not a torch.save file") from None
-    unlisted = [name for name in found if name not in ALLOWED_GLOBALS]
+    except FileRefused as e:
+        raise ValueError(_unlisted_message(path, e.names)) from None
     if unlisted:
         raise ValueError(_unlisted_message(path, unlisted))
-    objects = []
-    for name in found:
-        if name in _STAND_INS:
-            objects.append((_STAND_INS[name], name))
-            continue
-        module, _, attr = name.rpartition(".")
-        try:
-            objects.append(getattr(importlib.import_module(module), attr))
-        except (ImportError, AttributeError):
-            raise ValueError(f"checkpoint {path} holds {name}; install the package that provides it "
-                             f"(pip install {module.split('.')[0]}) to load it") from None
-    return objects
+    allowed_objects(found, path=path)  # says which package to install for an allow-listed class missing here
+    return found
 
 
 def _unlisted_message(path: Path, unlisted: list[str]) -> str:
     return (f"checkpoint {path} holds {', '.join(unlisted)}, which the importer does not unpickle (allowed: "
-            "EasyDict and OmegaConf configs, plain containers). If you trust the file, re-save only its weights: "
-            "torch.save({'task': torch.load(path, weights_only=False)['task']}, new_path)")
+            "EasyDict and OmegaConf configs, plain containers: ALLOWED_GLOBALS in ratplus_mega/checkpoint/trust.py); "
+            "nothing was loaded. Ask for a file of weights and config only, or re-save only its weights ('task') "
+            "where the file was made")
 
 
 def head_settings(config) -> dict[str, int]:

@@ -83,9 +83,10 @@ def run_quickstart(opts: QuickstartOptions) -> None:
 def _train(out: Path, overrides: list[str], what: str) -> dict:
     nproc = max(torch.cuda.device_count(), 2)
     _say(f"{what}: {nproc} ranks, ZeRO-2, logs and checkpoints in {out}")
+    # A rerun starts afresh; the previous run's checkpoints move to checkpoints.replaced-<time>/.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            "-m", "ratplus_mega.cli", "train", "--config", "configs/train/tiny-cpu.yaml",
-           f"train.out_dir={out}", "train.resume=never", *overrides]
+           f"train.out_dir={out}", "train.resume=never", "train.overwrite=true", *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=_repo())
     (out / "train.log").parent.mkdir(parents=True, exist_ok=True)
     (out / "train.log").write_text(proc.stdout + proc.stderr)

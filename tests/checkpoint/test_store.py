@@ -30,7 +30,7 @@ def _batch(seed):
 
 def _save(engine, cfg, ctx, root, step):
     return save_checkpoint(engine, root, step=step, rank_state={"step": step, "rng": rng_state(), "data": {"n": step}},
-                           run=cfg, layout=ctx.sizes())
+                           run=cfg, layout=ctx.sizes(), run_id="test-run")
 
 
 def test_commit_protocol_prune_and_exact_resume(single_rank, tmp_path):
