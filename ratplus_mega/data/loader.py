@@ -19,8 +19,7 @@ from streaming.base.world import World
 from ..batch import IGNORE_INDEX
 from .streaming import DataLayout, ShuffleParams, WindowDataset, build_window_dataset, window_length
 
-__all__ = ["make_batch", "TrainLoader", "build_train_loader", "check_window_length"]
-
+__all__ = ["make_batch", "TrainLoader", "build_train_loader", "check_window_length", "open_train_windows"]
 
 
 def make_batch(windows: Sequence[np.ndarray] | np.ndarray, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,27 +87,34 @@ class TrainLoader:
                                                             "shuffle_seed", "initial_physical_nodes")})
 
 
-def build_train_loader(data, *, seq_len: int, vocab_size: int, eos_id: int, layout: DataLayout,
-                       micro_batch_size: int, check_manifests: bool = True) -> TrainLoader:
-    """The shuffled training loader of ``data`` (a :class:`DataConfig`) for one rank.
-
-    Collective when torch.distributed is initialized (dataset construction has barriers): call on every
-    rank. Checks the layout against RANK/WORLD_SIZE, each local folder's manifest and every shard's window
-    length against the model. Raises ValueError naming the file and both values on a mismatch. Streaming's
-    stale shared memory is cleaned when the dataset registers (only what no live process holds:
+def open_train_windows(data, *, seq_len: int, vocab_size: int, micro_batch_size: int, check_manifests: bool,
+                       shuffle: ShuffleParams | None, replication: int = 1) -> WindowDataset:
+    """``data.train``'s folders (a :class:`DataConfig`) as one window dataset, after checking each local
+    folder's manifest and every shard's window length against the model (ValueError naming the file and both
+    values). Collective when torch.distributed is initialized (construction has barriers): call on every rank.
+    Streaming's stale shared memory is cleaned when the dataset registers (only what no live process holds:
     :mod:`.streaming`)."""
     from ratplus_mega.data_prep.manifest import check_manifest
 
-    layout.check_environment()
     if check_manifests:
         for folder in data.train:
             if "://" not in folder:
                 check_manifest(folder, seq_len=seq_len, vocab_size=vocab_size)
+    weights = data.train_weights if shuffle is not None else None
+    dataset = build_window_dataset(data.train, batch_size=micro_batch_size, shuffle=shuffle, weights=weights,
+                                   replication=replication, cache_dir=data.cache_dir)
+    check_window_length(dataset, seq_len, ", ".join(data.train))
+    return dataset
+
+
+def build_train_loader(data, *, seq_len: int, vocab_size: int, eos_id: int, layout: DataLayout,
+                       micro_batch_size: int, check_manifests: bool = True) -> TrainLoader:
+    """The shuffled training loader of ``data`` (a :class:`DataConfig`) for one rank, after checking the
+    layout against RANK/WORLD_SIZE (see :func:`open_train_windows` for the rest)."""
+    layout.check_environment()
     shuffle = ShuffleParams(seed=data.shuffle_seed, algo=data.shuffle_algo,
                             num_canonical_nodes=data.num_canonical_nodes)
-    dataset = build_window_dataset(data.train, batch_size=micro_batch_size, shuffle=shuffle,
-                                   weights=data.train_weights, replication=layout.replication,
-                                   cache_dir=data.cache_dir)
-    check_window_length(dataset, seq_len, ", ".join(data.train))
+    dataset = open_train_windows(data, seq_len=seq_len, vocab_size=vocab_size, micro_batch_size=micro_batch_size,
+                                 check_manifests=check_manifests, shuffle=shuffle, replication=layout.replication)
     return TrainLoader(dataset, batch_size=micro_batch_size, layout=layout, eos_id=eos_id, shuffle=shuffle,
                        num_workers=data.num_workers)

@@ -20,8 +20,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .loader import check_window_length, make_batch
-from .streaming import DataLayout, WindowDataset, build_window_dataset
+from .loader import make_batch, open_train_windows
+from .streaming import DataLayout, WindowDataset
 
 __all__ = ["RandomOffsetSampler", "build_random_offset_loader"]
 
@@ -80,22 +80,13 @@ class RandomOffsetSampler:
 def build_random_offset_loader(data, *, seq_len: int, vocab_size: int, eos_id: int, layout: DataLayout,
                                micro_batch_size: int, check_manifests: bool = True) -> RandomOffsetSampler:
     """The adaptation sampler over ``data.train`` (a :class:`DataConfig`; folders read back to back, weights
-    not used), seeded ``data.shuffle_seed + dp_rank``. Same checks and shared-memory cleaning as
-    :func:`~ratplus_mega.data.loader.build_train_loader`: call it on every rank (construction has a barrier
+    not used), seeded ``data.shuffle_seed + dp_rank``. Same checks and shared-memory handling as
+    :func:`~ratplus_mega.data.loader.open_train_windows`: call it on every rank (construction has a barrier
     when torch.distributed is initialized), before any other dataset."""
-    from streaming.base.util import clean_stale_shared_memory
-
-    from ratplus_mega.data_prep.manifest import check_manifest
-
     if data.train_weights is not None:
         raise ValueError("data.train_weights: the random-offset sampler reads the folders as one stream; "
                          "remove the weights")
-    if check_manifests:
-        for folder in data.train:
-            if "://" not in folder:
-                check_manifest(folder, seq_len=seq_len, vocab_size=vocab_size)
-    clean_stale_shared_memory()
-    dataset = build_window_dataset(data.train, batch_size=micro_batch_size, shuffle=None, cache_dir=data.cache_dir)
-    check_window_length(dataset, seq_len, ", ".join(data.train))
+    dataset = open_train_windows(data, seq_len=seq_len, vocab_size=vocab_size, micro_batch_size=micro_batch_size,
+                                 check_manifests=check_manifests, shuffle=None)
     return RandomOffsetSampler(dataset, seq_len=seq_len, batch_size=micro_batch_size, layout=layout,
                                seed=data.shuffle_seed, eos_id=eos_id)
