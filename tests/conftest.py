@@ -41,6 +41,46 @@ def _loop_scan(gate: torch.Tensor, x: torch.Tensor, initial_state: torch.Tensor 
     return torch.stack(out, dim=-2), h
 
 
+def _shift(t: torch.Tensor, n: int, fill: float) -> torch.Tensor:
+    """``t`` moved ``n`` steps later along time (dim -2), the first ``n`` steps set to ``fill``."""
+    return torch.cat([torch.full_like(t[..., :n, :], fill), t[..., :-n, :]], dim=-2)
+
+
+def _plain_scan(gate: torch.Tensor, x: torch.Tensor, initial_state: torch.Tensor | None = None):
+    """The recurrence as plain torch computes it in the inputs' own precision: the reference's prefix scan
+    (pairs (a, b), log2(T) combining steps), products of gates kept in the gate's dtype and every partial sum
+    stored in ``x``'s dtype, nothing upcast. On bf16 inputs it is the bf16 baseline of the tolerance rule
+    (``compare_to_baseline``); on float64 inputs it is exact (the oracle). Returns h (..., T, C) and the final
+    state, both in ``x``'s dtype."""
+    a, b = gate, ((1 - gate) * x).to(x.dtype)
+    step = 1
+    while step < b.shape[-2]:
+        b = (b + a * _shift(b, step, 0.0)).to(x.dtype)
+        a = a * _shift(a, step, 1.0)
+        step *= 2
+    if initial_state is not None:
+        b = (b + a * initial_state.unsqueeze(-2)).to(x.dtype)
+    return b, b[..., -1, :]
+
+
+def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dilation: int, window: int, sinks: int,
+                      *, q_offset: int = 0, k_positions: torch.Tensor | None = None, scale: float | None = None):
+    """Softmax attention of queries at ``q_offset``.. over keys at 0.. (or at ``k_positions``) under the pattern's
+    explicit boolean mask (k <= q and (q - k <= W or k < P or (k + 1) % D == 0; no grid term for D = -1)),
+    computed in ``q``'s dtype throughout (scores, softmax, the product with v; nothing upcast): torch's own bf16
+    baseline on bf16 inputs, the oracle on float64 ones. A row with no allowed key gives 0 and an LSE of -inf.
+    Returns (out, lse)."""
+    q_pos = torch.arange(q_offset, q_offset + q.shape[-2], device=q.device)[:, None]
+    k_pos = (torch.arange(k.shape[-2], device=q.device) if k_positions is None else k_positions.to(q.device))[None]
+    near = (q_pos - k_pos <= window) | (k_pos < sinks)
+    if dilation != -1:
+        near = near | ((k_pos + 1) % dilation == 0)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~((k_pos <= q_pos) & near), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # torch's own softmax (its internal precision)
+    return probs @ v, torch.logsumexp(scores, dim=-1)
+
+
 def _tiny_config(**overrides):
     """A small :class:`RatPlusConfig` (2 layers, d 32, 2 heads of 16) for fast CPU tests."""
     from ratplus_mega.hf import RatPlusConfig
@@ -84,6 +124,20 @@ def assert_close():
 def loop_scan():
     """``loop_scan(gate, x, initial_state) -> (h, final)``: the gated recurrence step by step in fp64."""
     return _loop_scan
+
+
+@pytest.fixture(scope="session")
+def plain_scan():
+    """``plain_scan(gate, x, initial_state=None) -> (h, final)``: the recurrence in the inputs' own precision
+    (bf16 baseline), or exact on float64 inputs (oracle)."""
+    return _plain_scan
+
+
+@pytest.fixture(scope="session")
+def masked_attention():
+    """``masked_attention(q, k, v, D, W, P, *, q_offset=0, k_positions=None, scale=None) -> (out, lse)``:
+    explicit-mask attention in ``q``'s dtype (bf16 baseline), or exact on float64 inputs (oracle)."""
+    return _masked_attention
 
 
 @pytest.fixture(scope="session")

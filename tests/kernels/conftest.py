@@ -15,7 +15,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-import importlib  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 
 import pytest  # noqa: E402
@@ -42,9 +41,3 @@ def _nan_poisoned_empty():
 def nan_poison():
     """Context manager: run kernel calls (forward and backward) inside it to NaN-poison their buffers."""
     return _nan_poisoned_empty
-
-
-@pytest.fixture(scope="session")
-def compare(kernels):
-    """``compare(name, got, ref, tol)`` from ``ratplus_mega.kernels.testing`` (raises when rel > tol)."""
-    return importlib.import_module("ratplus_mega.kernels.testing").compare
