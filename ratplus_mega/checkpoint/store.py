@@ -116,7 +116,7 @@ def save_checkpoint(engine, root: str | Path, *, step: int, rank_state: dict, ru
                         run_id=run_id, files=dict(sorted(files.items())))
         write_text_durably(tmp / MARKER, marker_json(marker))
         final = root / tag
-        if final.exists():  # the same step saved before (another run's, or one set aside): kept, renamed
+        if final.exists():  # a checkpoint of this step that the run did not resume from: kept, renamed
             set_aside(final, "replaced")
         os.replace(tmp, final)
         fsync_dir(root)
