@@ -391,13 +391,13 @@ def _register_prefix(streams_local: list[str], streams_remote: list[str | None],
         return (*get_shm_prefix(streams_local, streams_remote, world), None)
     count = next(_registrations)
     store = dist.distributed_c10d._get_default_store() if dist.is_available() and dist.is_initialized() else None
-    key = f"ratplus-streaming/{count}/{world.node}"
+    key = f"ratplus-streaming/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{count}/{world.node}"
     if world.is_local_leader:
         try:
             prefix, shm, holder = _take_prefix(streams_local, streams_remote)
-        except ValueError as e:
+        except Exception as e:  # the node's other ranks wait for the answer: give them the error
             if store is not None:
-                store.set(key, f"error {e}")
+                store.set(key, "error " + (str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"))
             raise
         if store is not None:
             store.set(key, str(prefix))
@@ -406,7 +406,7 @@ def _register_prefix(streams_local: list[str], streams_remote: list[str | None],
         raise RuntimeError("streaming: a rank that is not its node's leader needs torch.distributed initialized")
     answer = store.get(key).decode()
     if answer.startswith("error "):
-        raise ValueError(answer[len("error "):])
+        raise ValueError(f"this node's streaming leader (local rank 0) failed: {answer[len('error '):]}")
     prefix = int(answer)
     shm = SharedMemory(f"{prefix:06}_{LOCALS}", False)
     theirs, their_prefix = _unpack_locals(bytes(shm.buf))
