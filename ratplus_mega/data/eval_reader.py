@@ -43,7 +43,7 @@ def build_val_reader(folder: str, *, seq_len: int, vocab_size: int, eos_id: int,
                      check_manifests: bool = True) -> ValidationReader:
     """A :class:`ValidationReader` over one MDS folder (local or remote), checked against the model like
     the training data. Build it on every rank (dataset construction has a barrier when torch.distributed is
-    initialized) and after :func:`build_train_loader` (which cleans streaming's shared memory)."""
+    initialized), in the same order on every rank."""
     from ratplus_mega.data_prep.manifest import check_manifest
 
     if check_manifests and "://" not in folder:
