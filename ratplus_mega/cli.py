@@ -213,6 +213,18 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation.run import EvalOptions, run_eval
+
+    run_eval(EvalOptions(model=args.model, patterns=args.patterns, tasks=args.tasks, out=args.out, val=args.val,
+                         text=args.text, eval_tokens=args.eval_tokens, tokenizer=args.tokenizer,
+                         batch_size=args.batch_size, seed=args.seed, recall_samples=args.recall_samples,
+                         niah_lengths=args.niah_lengths, niah_samples=args.niah_samples,
+                         lm_eval_include=args.lm_eval_include, lm_eval_limit=args.lm_eval_limit,
+                         num_fewshot=args.num_fewshot))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ratplus", description="RAT+ pretraining stack")
     parser.add_argument("--version", action="version", version=f"ratplus-mega {__version__}")
@@ -299,6 +311,28 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--pretrain-steps", type=int, default=300)
     quick.add_argument("--adapt-steps", type=int, default=100)
     quick.set_defaults(func=cmd_quickstart)
+
+    ev = sub.add_parser("eval", help="perplexity, recall, needle-in-a-haystack and lm-eval tasks per attention pattern")
+    ev.add_argument("--model", required=True, help="an HF folder or a training run (exported on the fly)")
+    ev.add_argument("--patterns", default="dense,own", metavar="P,P,...",
+                    help="dense, own (the folder's), D:W:P or D:W:P:K:S, comma-separated (default dense,own)")
+    ev.add_argument("--tasks", default="ppl,recall,niah", metavar="T,T,...",
+                    help="ppl, recall, niah, lm-eval:TASK[,TASK...] (default ppl,recall,niah)")
+    ev.add_argument("--out", help="folder for results.json and the PNG pictures (default MODEL/eval)")
+    ev.add_argument("--val", metavar="DATA/val", help="MDS split for ppl (default: a run's data.val)")
+    ev.add_argument("--text", nargs="+", default=[], metavar="FILE", help="text/jsonl/parquet files for ppl instead")
+    ev.add_argument("--eval-tokens", type=int, metavar="N", help="ppl on the first N // seq_len windows (default all)")
+    ev.add_argument("--tokenizer", metavar="PATH.model", help="sentencepiece model, where the folder or run has none")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--seed", type=int, default=0, help="seed of the synthetic recall and niah samples")
+    ev.add_argument("--recall-samples", type=int, default=512, metavar="N")
+    ev.add_argument("--niah-lengths", type=int, nargs="+", default=[], metavar="N",
+                    help="context lengths (default 1/4, 1/2, 3/4 and all of the model's window)")
+    ev.add_argument("--niah-samples", type=int, default=32, metavar="N", help="samples per depth and length")
+    ev.add_argument("--lm-eval-include", metavar="DIR", help="folder of lm-eval task YAML files (local data)")
+    ev.add_argument("--lm-eval-limit", type=int, metavar="N", help="at most N documents per lm-eval task")
+    ev.add_argument("--num-fewshot", type=int, metavar="N")
+    ev.set_defaults(func=cmd_eval)
 
     gen = sub.add_parser("generate", help="greedy generation from an HF folder with the compressed cache")
     gen.add_argument("--model", required=True, help="an HF folder (export-hf, import-public) or a training run")

@@ -78,6 +78,13 @@ def generate_text(model_dir: str | Path, prompt: str, *, max_new_tokens: int = 6
                       cache_bytes=out.past_key_values.nbytes(), pattern=pattern_name(layers))
 
 
+def load_model(folder: str | Path, *, pattern: tuple | None = None, tokenizer: str | Path | None = None):
+    """(model, tokenizer) of an HF folder, checked and loaded offline as :func:`generate_text` loads it."""
+    folder = Path(folder)
+    _check_weights(folder)
+    return _load(folder, pattern, tokenizer)
+
+
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 

@@ -1,0 +1,116 @@
+"""The model under evaluation: an HF folder (or a training run, exported to a temporary folder for the
+duration), its tokenizer, and the attention pattern it runs.
+
+Patterns are spelled ``dense``, ``D:W:P`` or ``D:W:P:K:S`` (top-k block attention, docs/spec.md §4.5) and
+apply to every layer and head; ``own`` is the folder's configured pattern, which may differ per layer or head.
+A pattern is applied to the loaded model in place (its config fields and each layer's pattern), so one load
+serves every pattern; the model then runs exactly as a folder exported with that pattern would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ..config.schema import PATTERN_KEYS, PatternConfig, pattern_fields, pattern_name
+from ..errors import RatplusError
+
+DENSE = (1, 0, 0)
+
+
+def parse_patterns(text: str) -> list[tuple | None]:
+    """``dense,8:16:4,own`` → [(1, 0, 0), (8, 16, 4), None]: head patterns, None for the folder's own."""
+    out = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        if item == "dense":
+            out.append(DENSE)
+        elif item == "own":
+            out.append(None)
+        else:
+            try:
+                values = [int(v) for v in item.split(":")]
+                if len(values) not in (3, 5):
+                    raise ValueError
+                out.append(PatternConfig(**dict(zip(PATTERN_KEYS, values))).per_layer(1)[0])
+            except (ValueError, TypeError) as e:
+                detail = f" ({e})" if str(e) else ""
+                raise RatplusError(f"--patterns: {item!r} is not dense, own, D:W:P or D:W:P:K:S{detail}") from None
+    if not out:
+        raise RatplusError("--patterns: no pattern given")
+    return out
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    """A transformers tokenizer (encodes without BOS, as in training)."""
+    folder: Path
+    own: dict
+    """The folder's own pattern fields."""
+
+    @property
+    def max_length(self) -> int:
+        return int(self.model.config.max_position_embeddings)
+
+    def set_pattern(self, pattern: tuple | None) -> str:
+        """Run every layer under ``pattern`` (None: the folder's own); returns the pattern's name."""
+        fields = self.own if pattern is None else pattern_fields(pattern)
+        for key in PATTERN_KEYS:
+            if key in fields:
+                setattr(self.model.config, key, fields[key])
+        patterns = self.model.config.layer_patterns()
+        for layer, p in zip(self.model.model.layers, patterns):
+            layer.mixer.pattern = p
+        return pattern_name(patterns)
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """fp32 logits (B, T, V) under the pattern set last."""
+        with torch.no_grad():
+            return self.model(input_ids, attention_mode="sparse").logits
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@contextlib.contextmanager
+def open_model(path: str | Path, *, tokenizer: str | Path | None = None) -> Iterator[LoadedModel]:
+    """The HF folder ``path``, or the newest committed checkpoint of a training run exported (fp32) to a
+    temporary folder that lives as long as the context. ``tokenizer`` (a sentencepiece ``.model``) replaces
+    the folder's or the run's own."""
+    from ..inference.generate import load_model
+
+    path = Path(path)
+    if tokenizer is not None and not Path(tokenizer).is_file():
+        raise RatplusError(f"--tokenizer {tokenizer}: no such file")
+    if (path / "config.json").is_file():
+        model, tok = load_model(path, tokenizer=tokenizer)
+        yield _loaded(model, tok, path)
+        return
+    from ..checkpoint import resolve_checkpoint, run_config
+    from ..export.to_hf import export_hf
+
+    try:
+        checkpoint = resolve_checkpoint(path, key="--model")
+    except ValueError:
+        raise RatplusError(f"--model {path}: neither an HF folder (config.json) nor a training run or "
+                           "checkpoint") from None
+    tokenizer = tokenizer or run_config(checkpoint).data.tokenizer
+    if not tokenizer or not Path(tokenizer).is_file():
+        raise RatplusError(f"--model {path}: the run's tokenizer ({tokenizer or 'none named'}) is not there; pass "
+                           "--tokenizer PATH.model")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = export_hf(checkpoint, Path(tmp) / "hf", dtype=torch.float32, tokenizer=tokenizer)
+        model, tok = load_model(folder)
+        yield _loaded(model, tok, path)
+
+
+def _loaded(model, tok, folder: Path) -> LoadedModel:
+    model = model.float().eval()
+    own = {key: getattr(model.config, key) for key in PATTERN_KEYS if hasattr(model.config, key)}
+    return LoadedModel(model, tok, folder, own)
