@@ -176,7 +176,10 @@ def test_adaptation_starts_from_the_pretrained_weights(tiny_shards, tmp_path, re
     records = read_metrics(tmp_path / "adapt", "train")
     assert len(records) == 4 and "train/loss_dense" not in records[0]
     first_loss = records[0]["train/loss_D4-W8-P2"]
-    assert first_loss < float(reference_run[0][16][0]) + 0.5, first_loss
+    # Measured: pretrained final loss 3.601, this first adapted loss 3.610, an untrained model's first loss in the
+    # same adaptation run 6.232 (ln 512 = 6.238). +0.1 leaves the real run 10x its gap and is a level a model
+    # trained from scratch reaches only after 11 of the 16 pretraining steps (the former +0.5: after 7).
+    assert first_loss < float(reference_run[0][16][0]) + 0.1, first_loss
     assert "val/loss_D4-W8-P2" in _validation(tmp_path / "adapt", 4)
 
 
