@@ -44,7 +44,7 @@ def main() -> None:
                                     *args.overrides])
     init_distributed()
     ctx = ParallelContext.initialize(cfg.parallel)
-    runner = build_step_runner(ctx, seq_len=cfg.model.seq_len)
+    runner = build_step_runner(ctx, seq_len=cfg.model.seq_len, precision=cfg.train.precision)
     engine = build_engine(cfg, ctx, build_model(cfg.model, ctx, seed=0).to(ctx.device), runner)
     m, seq = cfg.model, cfg.model.seq_len
     tokens = args.micro_batch * args.accumulation * seq

@@ -321,6 +321,16 @@ class TrainConfig:
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
     precision: Literal["bf16", "fp32"] = "bf16"
+    """bf16: bf16 weights and activations with fp32 master weights, optimizer state and gradient accumulation
+    (DeepSpeed's bf16 mode; needs ZeRO 1-3); fp32: everything fp32 (CPU runs)."""
+    grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """The dtype gradients are reduced over data-parallel ranks in under bf16 (DeepSpeed's
+    ``communication_data_type``): fp32 keeps the fp32 accumulation's precision through the reduction, bf16
+    halves its bytes (docs/decisions.md, "bf16")."""
+    residual_dtype: Literal["fp32", "bf16"] = "fp32"
+    """The residual stream's dtype under bf16: fp32 as the reference's autocast keeps it (the mixer's and FFN's
+    bf16 outputs are added in fp32, the norms hand bf16 to the matmuls), bf16 halves its activation memory and
+    the bytes pipeline stages send (docs/decisions.md, "bf16")."""
     activation_checkpointing: bool = False
     seed: int = 1005
     log_interval: int = 10
@@ -389,6 +399,12 @@ class RunConfig:
         if p.context_parallel > 1:
             raise ConfigError("parallel.context_parallel", "context parallelism is not implemented yet (the "
                               "recurrence state is not passed across ranks): use 1")
+        if t.precision == "bf16" and p.zero_stage == 0:
+            raise ConfigError("parallel.zero_stage", "train.precision=bf16 needs ZeRO stage 1, 2 or 3: DeepSpeed has "
+                              "no ZeRO-0 path for bf16 weights with fp32 gradient accumulation")
+        for key in ("grad_reduce_dtype", "residual_dtype"):
+            if t.precision == "fp32" and getattr(t, key) != "fp32":
+                raise ConfigError(f"train.{key}", "bf16 applies to train.precision=bf16 runs only")
         if t.joint and m.pattern.is_dense:
             raise ConfigError("train.joint", "joint training needs a sparse model.pattern (e.g. dilation: 64)")
         for i, pattern in enumerate(t.eval_patterns):

@@ -1,7 +1,9 @@
 """One RAT+ block on megatron-core layers: norm → mixer → residual, norm → GELU FFN → residual.
 
 Activations are megatron-style [T, B, d]; under sequence parallel the residual stream, the norms and the
-residual adds hold [T/tp, B, d], and the column-parallel projections gather the sequence.
+residual adds hold [T/tp, B, d], and the column-parallel projections gather the sequence. The residual stream
+keeps the model's ``residual_dtype`` (fp32 unless configured otherwise): the bf16 outputs of the mixer and the
+FFN are added to it there.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ class _AllReduceGradOverTP(torch.autograd.Function):
 
 
 class ParallelRMSNorm(nn.Module):
-    """RMSNorm with the reference model's arithmetic (fp32 statistics, result in the input dtype)."""
+    """RMSNorm with the reference model's arithmetic (fp32 statistics, the input's dtype before the gain),
+    handing the matmuls the weights' dtype: bf16 under bf16 also when the residual stream is fp32."""
 
     def __init__(self, hidden_size: int, eps: float, ctx: ParallelContext):
         super().__init__()
@@ -50,7 +53,7 @@ class ParallelRMSNorm(nn.Module):
             weight = _AllReduceGradOverTP.apply(weight, self.ctx.tp_group)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * xf.to(x.dtype)
+        return (weight * xf.to(x.dtype)).to(weight.dtype)
 
 
 class ParallelMLP(nn.Module):

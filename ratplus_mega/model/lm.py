@@ -48,6 +48,9 @@ class RatPlusLM(nn.Module):
                 self.output_weight = nn.Parameter(torch.empty(self.padded_vocab // ctx.tp, m.hidden_size,
                                                               dtype=params_dtype))
         self.input_tensor = None
+        self.residual_dtype = torch.float32
+        """The residual stream's dtype, also what a stage hands the next (``train.residual_dtype``, set by the
+        engine set-up; fp32 keeps it as the reference's autocast does when DeepSpeed runs the weights in bf16)."""
 
     def set_input_tensor(self, input_tensor) -> None:
         """Called by megatron-core's pipeline schedules with the previous stage's output."""
@@ -67,7 +70,7 @@ class RatPlusLM(nn.Module):
         if attention_mode not in ("sparse", "dense"):
             raise ValueError(f"attention_mode must be 'sparse' or 'dense', got {attention_mode!r}")
         if self.pre_process:
-            x = self.embedding(input_ids)  # [T/tp, B, d] under SP (reduce-scattered), else [B, T, d]
+            x = self.embedding(input_ids).to(self.residual_dtype)  # [T/tp, B, d] under SP, else [B, T, d]
             x = x if self.ctx.sequence_parallel else x.transpose(0, 1).contiguous()
         else:
             x = self.input_tensor

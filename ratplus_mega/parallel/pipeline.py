@@ -10,7 +10,7 @@ bitwise equal after every step.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -43,15 +43,23 @@ def _report_loss(loss: torch.Tensor):
     return loss, {"loss": loss.detach().clone()}
 
 
-def finalize_tied_embedding(model: torch.nn.Module) -> None:
-    """Sum the tied embedding's gradients over the first and last stage (no-op with one stage)."""
+def finalize_tied_embedding(model: torch.nn.Module,
+                            gradient: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    """Sum the tied embedding's gradients over the first and last stage (no-op with one stage).
+
+    ``gradient(weight)`` is the tensor this rank accumulated the weight's gradient in, summed in place; by
+    default ``weight.grad`` (zeros when the weight got none). Under bf16 it is the optimizer's fp32 buffer."""
     ctx = model.ctx
     if ctx.pp == 1 or not (model.pre_process or model.post_process):
         return
     weight = model.embedding.weight if model.pre_process else model.output_weight
-    if weight.grad is None:
-        weight.grad = torch.zeros_like(weight)
-    dist.all_reduce(weight.grad, group=ctx.embedding_group)
+    if gradient is not None:
+        grad = gradient(weight)
+    else:
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        grad = weight.grad
+    dist.all_reduce(grad, group=ctx.embedding_group)
 
 
 def mark_tied_copy(model: torch.nn.Module) -> None:

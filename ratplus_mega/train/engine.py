@@ -1,7 +1,8 @@
 """DeepSpeed engine set-up for a run: config, optimizer groups, precision, activation checkpointing.
 
-The lr schedule is ours (no DeepSpeed scheduler); fp32 master weights, optimizer state and gradient
-accumulation with bf16 compute on GPU, plain fp32 on CPU; the step runner adds what its layout needs.
+The lr schedule is ours (no DeepSpeed scheduler); fp32 master weights, optimizer state, gradient
+accumulation and (by default) gradient reduction with bf16 compute on GPU, plain fp32 on CPU; the step runner
+adds what its layout needs.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def deepspeed_config(cfg: RunConfig, ctx: ParallelContext, runner: StepRunner) -
     }
     if bf16:
         config["data_types"] = {"grad_accum_dtype": "fp32"}
+        # DeepSpeed reduces in the weights' dtype unless told otherwise (docs/decisions.md, "bf16").
+        config["communication_data_type"] = t.grad_reduce_dtype
     config.update(runner.deepspeed_config)
     return config
 
@@ -76,12 +79,15 @@ def build_engine(cfg: RunConfig, ctx: ParallelContext, model: RatPlusLM, runner:
 
     from ..parallel.deepspeed_mpu import DeepSpeedMpu
 
+    if cfg.train.precision == "bf16" and cfg.train.residual_dtype == "bf16":
+        model.residual_dtype = torch.bfloat16
     runner.prepare(model)
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     groups = parameter_groups(model, cfg.train.decay_all_parameters, cfg.train.weight_decay)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=deepspeed_config(cfg, ctx, runner),
                                       mpu=DeepSpeedMpu(ctx))
+    runner.check_engine(engine)
     return engine
 
 

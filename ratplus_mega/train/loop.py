@@ -70,7 +70,7 @@ def run_training(cfg: RunConfig) -> int:
     _claim_out_dir(cfg, out)
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
     torch.manual_seed(cfg.train.seed)
-    runner = build_step_runner(ctx, seq_len=cfg.model.seq_len)
+    runner = build_step_runner(ctx, seq_len=cfg.model.seq_len, precision=cfg.train.precision)
     engine = build_engine(cfg, ctx, build_model(cfg.model, ctx, seed=cfg.train.seed), runner)
     data = build_train_data(cfg, runner.feed, accum)
     val_batches = validation_batches(cfg, runner.feed)

@@ -5,10 +5,14 @@
 Every rank builds the full reference model (pure torch, one process's view) from the same layout-free
 initial weights and compares logits, losses, gradients and optimizer steps with the parallel run. Any
 mismatch raises, so the launch exits non-zero; the pytest wrapper only checks the exit code.
+
+Layouts in ``BF16_CHECKS`` then train 3 clipped steps in bf16 through the step runner and engine set-up a run
+uses, held to the fp32 reference within a tolerance derived from torch's own bf16 error on the same steps.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 
@@ -20,13 +24,16 @@ import torch.nn.functional as F
 
 from ratplus_mega.config import load_config
 from ratplus_mega.hf import RatPlusForCausalLM
-from ratplus_mega.kernels.testing import compare
+from ratplus_mega.kernels.testing import compare, compare_to_baseline, measure
 from ratplus_mega.model import build_model
 from ratplus_mega.model.init import reference_init_state_dict
 from ratplus_mega.model.mapping import to_reference_state_dict
 from ratplus_mega.reference_layout import reference_config
 from ratplus_mega.parallel import ParallelContext
 from ratplus_mega.parallel.broadcast import broadcast_batch
+from ratplus_mega.train.engine import build_engine
+from ratplus_mega.train.joint import train_step
+from ratplus_mega.train.runner import build_step_runner
 
 SEED = 7
 PATTERN = ["model.pattern.dilation=4", "model.pattern.window=3", "model.pattern.sinks=2"]
@@ -41,6 +48,8 @@ LAYOUTS = {
     "dp2-zero2": ["parallel.zero_stage=2"],
     "tp2-pp2-zero1": ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2", "parallel.zero_stage=1"],
 }
+# ZeRO stages trained in bf16 after a layout's fp32 checks (in the same launch).
+BF16_CHECKS = {"dp2-zero2": (1, 2), "tp2": (1,), "tp2-sp": (1,), "tp2-pp2-zero1": (1,)}
 
 
 def check_close(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
@@ -191,6 +200,111 @@ def run_pipeline_zero(cfg, ctx: ParallelContext) -> None:
         check_close(f"weights after 3 steps: {name}", params[name], param.detach(), 1e-4)
 
 
+# bf16 parity: 3 steps of 2 micro-batches of (2, 32) per data-parallel rank, clipped at 0.5 (the tiny model's
+# gradient norm is above 1 here, so every step is clipped and the norm enters the update).
+BF16_STEPS, BF16_MICRO, BF16_BATCH, BF16_SEQ, BF16_CLIP, BF16_LR = 3, 2, 2, 32, 0.5, 1e-3
+# The bf16 run may be off the fp32 reference by BF16_FACTOR times torch's own bf16 error on the same steps
+# (the reference model cast to bf16, fp32 master weights and accumulation: reference_training) plus
+# BF16_ATOL, both relative to the reference's scale. Measured with these shapes: the losses 0.9x (DP) to 2.1x
+# (TP=2 x PP=2) of torch's error, the gradient norms 0.5x-0.7x (docs/decisions.md, "bf16"); a wrong or missing
+# reduction puts the norm off by 1e-1 or more.
+BF16_FACTOR, BF16_ATOL = 4.0, 1e-5
+
+
+def bf16_batches(cfg, dp: int, step: int) -> list[list[dict[str, torch.Tensor]]]:
+    """Every data-parallel rank's micro-batches of ``step``, made alike on every rank (no broadcast needed)."""
+    g = torch.Generator().manual_seed(SEED + 1000 + step)
+    ranks = []
+    for _ in range(dp):
+        micro = []
+        for _ in range(BF16_MICRO):
+            tokens = torch.randint(0, cfg.model.vocab_size, (BF16_BATCH, BF16_SEQ + 1), generator=g)
+            labels = tokens[:, 1:].clone()
+            labels[0, :3] = -100
+            micro.append({"input_ids": tokens[:, :-1], "labels": labels})
+        ranks.append(micro)
+    return ranks
+
+
+def reference_training(cfg, steps: list[list[dict]], compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One process, the whole batch of each step: the mean micro-batch loss and the gradient norm of every step
+    of clipped AdamW. fp32 master weights, optimizer state and gradient accumulation; forward and backward of
+    the reference model cast to ``compute_dtype`` (bf16: torch's own bf16, the baseline of the tolerance)."""
+    master = reference_model(cfg)
+    model = master if compute_dtype == torch.float32 else copy.deepcopy(master).to(compute_dtype)
+    opt = torch.optim.AdamW(master.parameters(), lr=BF16_LR, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.1)
+    losses, norms = [], []
+    for micro_batches in steps:
+        if model is not master:
+            model.load_state_dict(master.state_dict())
+        grads = [torch.zeros_like(p) for p in master.parameters()]
+        total = 0.0
+        for b in micro_batches:
+            model.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(b["input_ids"]).logits.float().flatten(0, 1), b["labels"].flatten(),
+                                   ignore_index=-100)
+            (loss / len(micro_batches)).backward()
+            for grad, p in zip(grads, model.parameters()):
+                grad += p.grad.float()
+            total += loss.item() / len(micro_batches)
+        for grad, p in zip(grads, master.parameters()):
+            p.grad = grad
+        norms.append(torch.nn.utils.clip_grad_norm_(master.parameters(), BF16_CLIP).item())
+        opt.step()
+        losses.append(total)
+    return torch.tensor(losses, dtype=torch.float64), torch.tensor(norms, dtype=torch.float64)
+
+
+def run_bf16_training(layout: str, ctx: ParallelContext, zero_stage: int) -> None:
+    """3 clipped bf16 steps through ``build_step_runner``/``build_engine``/``train_step`` (the run's own path):
+    losses and gradient norms against the fp32 reference within the bf16 tolerance; under pipeline parallel
+    the tied embedding copies stay bitwise equal after every step."""
+    cfg = load_config("configs/model/tiny.yaml", PATTERN + LAYOUTS[layout] + [
+        f"parallel.zero_stage={zero_stage}", "train.precision=bf16", f"train.micro_batch_size={BF16_BATCH}",
+        f"train.global_batch_size={BF16_BATCH * BF16_MICRO * ctx.dp}", f"train.lr={BF16_LR}", "train.adam_eps=1e-6",
+        f"train.grad_clip={BF16_CLIP}", "train.weight_decay=0.1"])
+    runner = build_step_runner(ctx, seq_len=BF16_SEQ, precision="bf16")
+    engine = build_engine(cfg, ctx, build_model(cfg.model, ctx, seed=SEED), runner)
+    if ctx.pp > 1:
+        check_no_bf16_accumulation(engine)
+    steps, losses, norms = [], [], []
+    for step in range(BF16_STEPS):
+        ranks = bf16_batches(cfg, ctx.dp, step)
+        result = train_step(runner, engine, ranks[ctx.dp_rank], lr=BF16_LR, joint=False)
+        losses.append(result.sparse.loss)
+        norms.append(result.sparse.grad_norm)
+        left = [name for name, p in engine.module.named_parameters() if p.grad is not None]
+        if left:
+            raise AssertionError(f"rank {dist.get_rank()}: step {step} left bf16 gradients for the next step: {left}")
+        if ctx.pp > 1:
+            check_tied_copies_equal(engine.module)
+        steps.append([b for micro in ranks for b in micro])
+    oracle = reference_training(cfg, steps, torch.float32)
+    baseline = reference_training(cfg, steps, torch.bfloat16)
+    got = (torch.tensor(losses, dtype=torch.float64), torch.tensor(norms, dtype=torch.float64))
+    for i, what in enumerate(("losses", "gradient norms")):
+        name = f"rank {dist.get_rank()}: bf16 ZeRO-{zero_stage} {what} of {BF16_STEPS} steps"
+        if os.environ.get("RATPLUS_PARITY_REPORT") and dist.get_rank() == 0:
+            print(f"{measure(name, got[i], oracle[i])}; torch bf16: {measure('', baseline[i], oracle[i]).rel:.3e}",
+                  flush=True)
+        compare_to_baseline(name, got[i], baseline[i], oracle[i], factor=BF16_FACTOR, atol=BF16_ATOL)
+
+
+def check_no_bf16_accumulation(engine) -> None:
+    """Under pipeline parallel, each micro-batch's bf16 gradient must reach the fp32 buffers as it arrives: a
+    bf16 ``.grad`` still held at the step was summed over micro-batches in bf16."""
+    step = engine.step
+
+    def checked_step(*args, **kwargs):
+        held = [name for name, p in engine.module.named_parameters() if p.grad is not None]
+        if held:
+            raise AssertionError(f"rank {dist.get_rank()}: bf16 gradients accumulated over the micro-batches in "
+                                 f".grad at the step: {held}")
+        return step(*args, **kwargs)
+
+    engine.step = checked_step
+
+
 def check_tied_copies_equal(model) -> None:
     if not (model.pre_process or model.post_process):
         return
@@ -202,7 +316,7 @@ def check_tied_copies_equal(model) -> None:
 
 
 def main(layout: str) -> None:
-    if "zero" in layout:
+    if "zero" in layout or layout in BF16_CHECKS:
         import deepspeed.ops
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # avoids a 2-3 minute op build on CPU
@@ -216,6 +330,8 @@ def main(layout: str) -> None:
         run_pipeline_zero(cfg, ctx)
     else:
         run_tensor_parallel(cfg, ctx)
+    for zero_stage in BF16_CHECKS.get(layout, ()):
+        run_bf16_training(layout, ctx, zero_stage)
     dist.barrier()
     if dist.get_rank() == 0:
         print(f"{layout}: parity checks passed on {dist.get_world_size()} ranks")

@@ -25,13 +25,33 @@ def test_deepspeed_config_follows_the_recipe():
     assert conf["gradient_accumulation_steps"] == 4  # spec §2.5: 512 = 2 x 64 GPUs x 4
     assert conf["train_batch_size"] == 512 and conf["gradient_clipping"] == 1.0
     assert conf["bf16"] == {"enabled": True} and conf["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert conf["communication_data_type"] == "fp32"  # DeepSpeed's default would reduce in bf16
     assert conf["optimizer"]["params"]["betas"] == [0.9, 0.95] and conf["optimizer"]["params"]["weight_decay"] == 0.1
     assert "managed_gradient_accumulation" not in conf
     piped = load_config("configs/train/pretrain-1.5b-100bt.yaml", ["parallel.pipeline_parallel=2"])
     runner = PipelineRunner.__new__(PipelineRunner)  # its data feed needs process groups; the config does not
-    assert deepspeed_config(piped, _ctx(pp=2, dp=32), runner)["managed_gradient_accumulation"] is False
+    runner.bf16 = True
+    conf = deepspeed_config(piped, _ctx(pp=2, dp=32), runner)
+    assert conf["managed_gradient_accumulation"] is False
+    # megatron-core's schedule never calls engine.backward: the hooks move each micro-batch's bf16 gradient
+    # into the fp32 buffers (tests/distributed holds the result to the fp32 reference)
+    assert conf["bf16"] == {"enabled": True, "immediate_grad_update": True}
     with pytest.raises(ValueError, match="parallel.zero_stage.*pipeline parallel runs with ZeRO-1"):
         load_config("configs/train/pretrain-1.5b-100bt.yaml", ["parallel.pipeline_parallel=2", "parallel.zero_stage=0"])
+
+
+def test_bf16_settings_deepspeed_gets_wrong_are_refused():
+    """DeepSpeed has no bf16 ZeRO-0 path with fp32 gradient accumulation (it stops in set-up); bf16 reduction
+    or residual stream in an fp32 run means nothing."""
+    with pytest.raises(ValueError, match="'parallel.zero_stage'.*train.precision=bf16 needs ZeRO stage 1, 2 or 3"):
+        load_config("configs/train/pretrain-1.5b-100bt.yaml", ["parallel.zero_stage=0"])
+    load_config("configs/train/pretrain-1.5b-100bt.yaml", ["parallel.zero_stage=0", "train.precision=fp32"])
+    for key in ("grad_reduce_dtype", "residual_dtype"):
+        with pytest.raises(ValueError, match=f"'train.{key}'.*bf16 applies to train.precision=bf16 runs only"):
+            load_config("configs/train/tiny-cpu.yaml", [f"train.{key}=bf16"])
+    conf = deepspeed_config(load_config("configs/train/pretrain-1.5b-100bt.yaml", ["train.grad_reduce_dtype=bf16"]),
+                            _ctx(dp=64), EngineRunner(_ctx(dp=64)))
+    assert conf["communication_data_type"] == "bf16"
 
 
 def test_batch_sizes_that_do_not_divide_over_ranks_are_refused():

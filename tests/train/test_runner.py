@@ -42,3 +42,17 @@ def test_validation_batches_reach_the_model_on_its_device():
     for batch in _cpu_batches(2):
         EngineRunner(ctx).eval_loss(model, batch)
     assert model.devices and all(d.type == "meta" for d in model.devices), model.devices
+
+
+def test_pipeline_stages_send_the_residual_stream_in_its_dtype():
+    """megatron-core's schedule allocates what a stage receives in ``config.pipeline_dtype``: it must be the
+    dtype the previous stage hands on (fp32 made bf16 stages fail on "m1 and m2 to have the same dtype")."""
+    from ratplus_mega.train.runner import PipelineRunner
+
+    runner = PipelineRunner.__new__(PipelineRunner)  # its data feed needs process groups; prepare does not
+    runner.bf16 = True
+    for dtype in (torch.float32, torch.bfloat16):
+        stage = SimpleNamespace(residual_dtype=dtype, config=SimpleNamespace(pipeline_dtype=None),
+                                post_process=False, pre_process=True)
+        runner.prepare(stage)
+        assert stage.config.pipeline_dtype == dtype
