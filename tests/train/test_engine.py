@@ -75,8 +75,15 @@ def test_activation_checkpointing_gives_the_same_gradients(single_rank):
         assert torch.equal(grads[1][name], grad), name
 
 
+class _NormingEngine:  # what the check asks of a DeepSpeed engine: does it measure a gradient norm
+    def get_global_grad_norm(self):
+        return 1.0
+
+
 def test_non_finite_loss_stops_naming_the_step_and_checkpoint(tmp_path):
     ok = PassResult(loss=2.0, grad_norm=1.0)
-    _check_finite(StepResult(ok, ok), 3, tmp_path)
-    with pytest.raises(RuntimeError, match=r"non-finite loss \[2.0, nan\] at step 7; last good checkpoint: none"):
-        _check_finite(StepResult(ok, PassResult(loss=float("nan"), grad_norm=1.0)), 7, tmp_path)
+    _check_finite(StepResult(ok, ok), 3, tmp_path, _NormingEngine())
+    with pytest.raises(ValueError, match=r"training diverged at step 8: dense pass loss nan; no checkpoint was saved"):
+        _check_finite(StepResult(ok, PassResult(loss=float("nan"), grad_norm=1.0)), 7, tmp_path, _NormingEngine())
+    with pytest.raises(ValueError, match=r"at step 8: sparse pass grad norm inf"):
+        _check_finite(StepResult(PassResult(loss=2.0, grad_norm=float("inf")), ok), 7, tmp_path, _NormingEngine())
