@@ -13,7 +13,7 @@ import torch
 
 
 def explicit_mask(t: int, d: int, w: int, p: int) -> torch.Tensor:
-    """RATPLUS_SPEC.md §1.3 as a boolean (query, key) matrix."""
+    """docs/spec.md §1.3 as a boolean (query, key) matrix."""
     q, k = torch.arange(t)[:, None], torch.arange(t)[None, :]
     far = (k < p) | (((k + 1) % d == 0) if d > 0 else torch.zeros_like(k, dtype=torch.bool))
     return (k <= q) & ((q - k <= w) | far)
