@@ -24,13 +24,14 @@ def write_json_durably(path: str | Path, obj: Any) -> None:
     write_text_durably(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
-def fsync_tree(folder: Path) -> None:
-    """Flush every file under ``folder`` and the folder itself to disk."""
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    fsync_dir(folder)
+def fsync_files(paths) -> None:
+    """Flush each file of ``paths`` and each folder holding one (its entry) to disk."""
+    paths = [Path(p) for p in paths]
+    for path in paths:
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    for folder in sorted({p.parent for p in paths}):
+        fsync_dir(folder)
 
 
 def fsync_dir(folder: Path) -> None:

@@ -10,10 +10,11 @@ Layout of ``ROOT``::
     ROOT/.tmp-step000001300/     a save in progress (or interrupted): never loaded, removed by the next save
     ROOT/latest                  the newest committed tag, for humans and DeepSpeed tools
 
-Protocol: every rank writes into the temporary tag, hashing each file as it writes it, and fsyncs; the
-ranks' file lists meet on rank 0; rank 0 writes the marker (step, layout, model, run id, each file's size and
-SHA-256), renames the folder to its final tag with ``os.replace``, rewrites ``latest`` and prunes its own run's
-old checkpoints; barrier. Resume scans for the newest folder that holds a marker, so ``latest`` is never
+Protocol: every rank writes into the temporary tag, hashing each file as it writes it, and fsyncs the files
+it wrote (and their folder), never another rank's: syncs grow with the rank count, not its square; the ranks'
+file lists meet on rank 0 (an all-gather, so every rank has synced before rank 0 goes on); rank 0 writes the
+marker (step, layout, model, run id, each file's size and SHA-256), renames the folder to its final tag with
+``os.replace``, rewrites ``latest`` and prunes its own run's old checkpoints; barrier. Resume scans for the newest folder that holds a marker, so ``latest`` is never
 trusted alone, and verifies it (spread over the ranks) before DeepSpeed opens a file: a damaged one is set
 aside and the next older one tried, a file naming a class outside the allow-list (``trust.py``) stops the run.
 Nothing is ever deleted but the run's own checkpoints beyond ``train.keep_last``.
@@ -34,7 +35,7 @@ import torch.distributed as dist
 
 from ..config.load import dump_config
 from ..config.schema import RunConfig
-from ..durable import fsync_dir, fsync_tree, write_text_durably
+from ..durable import fsync_dir, fsync_files, write_text_durably
 from ..errors import RatplusError
 from .integrity import (FileCheck, FileProblem, install_recording_engine, listed_files, problem_line, save_recorded,
                         verify_checkpoint, write_text_recorded)
@@ -106,9 +107,10 @@ def save_checkpoint(engine, root: str | Path, *, step: int, rank_state: dict, ru
     tmp.mkdir(parents=True, exist_ok=True)
     written = {_relative(path, tmp): record for path, record in recorder.written.items()}
     written[_rank_file(rank)] = save_recorded(rank_state, tmp / _rank_file(rank))
-    fsync_tree(tmp)
+    fsync_files(p for p in tmp.rglob('*') if p.is_file())
     every_rank: list[dict] = [{} for _ in range(dist.get_world_size())]
-    dist.all_gather_object(every_rank, written)  # also the barrier: every rank's files are on disk
+    # Also the barrier before the marker: every rank's files are on disk once it returns anywhere.
+    dist.all_gather_object(every_rank, written)
     if rank == 0:
         files = {name: record for ranks_files in every_rank for name, record in ranks_files.items()}
         files[CONFIG] = write_text_recorded(tmp / CONFIG, dump_config(run))
@@ -126,6 +128,14 @@ def save_checkpoint(engine, root: str | Path, *, step: int, rank_state: dict, ru
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return root / tag
+
+
+def checkpoint_bytes(checkpoint: Path) -> int:
+    """Bytes of committed ``checkpoint``: every file its marker lists, and the marker (its own folder listed
+    when the marker records no files)."""
+    files = listed_files(checkpoint, read_marker(checkpoint))
+    sizes = [record["size"] if record else (checkpoint / name).stat().st_size for name, record in files.items()]
+    return sum(sizes) + (checkpoint / MARKER).stat().st_size
 
 
 def resume_checkpoint(engine, checkpoint: Path, *, run: RunConfig, layout: dict[str, int]) -> dict:

@@ -2,8 +2,8 @@
 
 Per global batch: the lr of spec §2.4 is set, one (or, joint, two) optimizer steps run, losses are checked
 for finiteness, logged, validated every ``eval_interval`` steps and checkpointed every ``save_interval``
-steps or when SIGTERM/SIGUSR1 arrived on any rank. Our step counter (not DeepSpeed's, which doubles in joint
-training) numbers checkpoints, logs and the data position.
+steps or when SIGTERM/SIGUSR1 arrived on any rank (each save's seconds and bytes logged). Our step counter
+(not DeepSpeed's, which doubles in joint training) numbers checkpoints, logs and the data position.
 """
 
 from __future__ import annotations
@@ -11,13 +11,14 @@ from __future__ import annotations
 import math
 import os
 import signal
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import (latest_checkpoint, new_run_id, read_marker, restore_rng_state, resume_checkpoint, rng_state,
-                          save_checkpoint, select_resume_checkpoint, set_aside, step_of)
+from ..checkpoint import (checkpoint_bytes, latest_checkpoint, new_run_id, read_marker, restore_rng_state,
+                          resume_checkpoint, rng_state, save_checkpoint, select_resume_checkpoint, set_aside, step_of)
 from ..config.load import dump_config
 from ..config.schema import RunConfig, pattern_name
 from ..model import build_model
@@ -98,8 +99,13 @@ def run_training(cfg: RunConfig) -> int:
             _validate(cfg, runner, engine.module, val_batches, log, done, tokens_per_step)
         stopping = stop.any_rank(ctx)
         if done % cfg.train.save_interval == 0 or done == steps or stopping:
-            save_checkpoint(engine, out / "checkpoints", step=done, run=cfg, layout=ctx.sizes(), run_id=run_id,
-                            rank_state={"step": done, "data": data.state_dict(), "rng": rng_state()})
+            began = time.perf_counter()
+            saved = save_checkpoint(engine, out / "checkpoints", step=done, run=cfg, layout=ctx.sizes(),
+                                    run_id=run_id, rank_state={"step": done, "data": data.state_dict(),
+                                                               "rng": rng_state()})
+            if rank0:  # the save is collective: rank 0's clock spans every rank's writes and the commit
+                log.write({"kind": "checkpoint", "step": done, "tokens": done * tokens_per_step,
+                           "ckpt/save_s": time.perf_counter() - began, "ckpt/bytes": checkpoint_bytes(saved)})
         meter.restart(done)  # validation and saving are not training time
         if stopping:
             if rank0:

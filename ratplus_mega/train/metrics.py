@@ -1,10 +1,11 @@
-"""Metrics as data: every log step and validation appends one record to ``OUT_DIR/metrics.jsonl``; the
-TensorBoard scalars and the console lines are views of the same records.
+"""Metrics as data: every log step, validation and checkpoint save appends one record to
+``OUT_DIR/metrics.jsonl``; the TensorBoard scalars and the console lines are views of the same records.
 
-A record is a flat JSON object: ``kind`` (``train`` or ``val``), ``step`` (global batches done), ``tokens``
-(training tokens consumed), and scalars named as their TensorBoard tags, each loss under its pattern's name:
-``train/loss_D64-W0-P0``, ``train/loss_dense``, ``train/grad_norm_D64-W0-P0``, ``train/lr``,
-``perf/tokens_per_s``, ``perf/mfu``, ``val/loss_dense``, ``val/ppl_D16-W256-P4``, …
+A record is a flat JSON object: ``kind`` (``train``, ``val`` or ``checkpoint``), ``step`` (global batches
+done), ``tokens`` (training tokens consumed), and scalars named as their TensorBoard tags, each loss under its
+pattern's name: ``train/loss_D64-W0-P0``, ``train/loss_dense``, ``train/grad_norm_D64-W0-P0``, ``train/lr``,
+``perf/tokens_per_s``, ``perf/mfu``, ``val/loss_dense``, ``val/ppl_D16-W256-P4``, ``ckpt/save_s`` (seconds of
+the collective save, commit included), ``ckpt/bytes`` (every file of the committed checkpoint), …
 
 MFU counts the FLOPs of docs/flops.md: 3x the forward FLOPs per token; in joint training the sparse pass at
 its sparse attention FLOPs plus the dense pass at dense.
@@ -113,6 +114,9 @@ class MetricsLog:
         print(self._console_line(record), flush=True)
 
     def _console_line(self, r: dict) -> str:
+        if r["kind"] == "checkpoint":
+            gb, seconds = r["ckpt/bytes"] / 1e9, r["ckpt/save_s"]
+            return f"checkpoint step {r['step']}: {gb:.3f} GB in {seconds:.1f} s ({gb / max(seconds, 1e-9):.2f} GB/s)"
         if r["kind"] == "val":
             names = [k[len("val/loss_"):] for k in r if k.startswith("val/loss_")]
             return "\n".join(f"validation step {r['step']} [{n}] loss {r[f'val/loss_{n}']:.4f} "

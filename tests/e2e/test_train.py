@@ -83,6 +83,20 @@ def test_joint_pretraining_learns_and_validates(reference_run):
     assert {"val/loss_dense", "val/loss_D8-W0-P0"} <= set(_validation(out, 16))
 
 
+def test_each_save_is_logged_with_its_time_and_bytes(reference_run):
+    """One ``checkpoint`` record per save (every 2 steps): its bytes are the total size of the checkpoint's
+    files, for every checkpoint still on disk (``keep_last`` pruned the older ones)."""
+    _, out = reference_run
+    records = {r["step"]: r for r in read_metrics(out, "checkpoint")}
+    assert sorted(records) == list(range(2, 17, 2))
+    kept = sorted((out / "checkpoints").glob("step*"))
+    assert len(kept) == 3
+    for checkpoint in kept:
+        record = records[int(checkpoint.name[len("step"):])]
+        assert record["ckpt/save_s"] > 0
+        assert record["ckpt/bytes"] == sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file()) > 0
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_gives_the_same_losses(tiny_shards, tmp_path, reference_run):
     """Killed three times at random moments (saves happen every 2 steps, so some kills land inside a save),

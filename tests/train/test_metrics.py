@@ -49,6 +49,16 @@ def test_records_reach_the_file_tensorboard_and_the_console(tmp_path, capsys):
     assert list((tmp_path / "tensorboard").iterdir())
 
 
+def test_checkpoint_records_are_read_back_and_printed(tmp_path, capsys):
+    log = MetricsLog(tmp_path, resume_step=0, total_steps=4)
+    log.write(_train_record(2))
+    log.write({"kind": "checkpoint", "step": 2, "tokens": 128, "ckpt/save_s": 2.0, "ckpt/bytes": 3_000_000_000})
+    log.close()
+    assert read_metrics(tmp_path, "checkpoint") == [{"kind": "checkpoint", "step": 2, "tokens": 128,
+                                                     "ckpt/save_s": 2.0, "ckpt/bytes": 3_000_000_000}]
+    assert "checkpoint step 2: 3.000 GB in 2.0 s (1.50 GB/s)" in capsys.readouterr().out
+
+
 def test_a_resumed_run_drops_the_records_past_its_checkpoint(tmp_path):
     log = MetricsLog(tmp_path, resume_step=0, total_steps=8)
     for step in range(1, 6):
