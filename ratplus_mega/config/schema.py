@@ -124,6 +124,11 @@ class PatternConfig:
     def is_dense(self) -> bool:
         return all(v == 1 for _, v in _entries(self.dilation, "dilation"))
 
+    def uses_topk(self, num_layers: int, num_heads: int) -> bool:
+        """Whether some head of some layer runs top-k block attention."""
+        layers = self.per_layer(num_layers, num_heads)
+        return any(len(head) > 3 for layer in layers for head in (layer if isinstance(layer[0], tuple) else [layer]))
+
 
 def _head_name(p: tuple) -> str:
     if p[0] == 1:
@@ -224,6 +229,9 @@ class ParallelConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     context_parallel: int = 1
+    context_parallel_order: Literal["zigzag", "contiguous"] = "zigzag"
+    """zigzag: CP rank r holds chunks r and 2·CP − 1 − r of 2·CP (the causal dense pass costs every rank the
+    same); contiguous: chunk r of CP."""
     sequence_parallel: bool = False
     """Megatron sequence parallel inside each tensor-parallel group."""
     zero_stage: int = 1
@@ -393,12 +401,19 @@ class RunConfig:
             raise ConfigError(
                 "parallel.pipeline_parallel", f"must divide num_layers ({m.num_layers}), got {p.pipeline_parallel}"
             )
-        if m.seq_len % p.context_parallel:
-            raise ConfigError("parallel.context_parallel",
-                              f"must divide seq_len ({m.seq_len}), got {p.context_parallel}")
         if p.context_parallel > 1:
-            raise ConfigError("parallel.context_parallel", "context parallelism is not implemented yet (the "
-                              "recurrence state is not passed across ranks): use 1")
+            chunks = p.context_parallel * (2 if p.context_parallel_order == "zigzag" else 1)
+            pieces = chunks * (p.tensor_parallel if p.sequence_parallel else 1)
+            if m.seq_len % pieces:
+                what = f"{chunks} {p.context_parallel_order} chunks" + (
+                    f", each split over {p.tensor_parallel} sequence-parallel ranks" if p.sequence_parallel else "")
+                raise ConfigError("parallel.context_parallel",
+                                  f"model.seq_len ({m.seq_len}) does not split into {what}")
+            for key, pattern in [("model.pattern", m.pattern)] + [
+                    (f"train.eval_patterns[{i}]", e) for i, e in enumerate(t.eval_patterns)]:
+                if pattern.uses_topk(m.num_layers, m.num_heads):
+                    raise ConfigError(f"{key}.topk_blocks", "top-k block attention runs on whole sequences: train, "
+                                      "adapt or validate it with parallel.context_parallel 1")
         if t.precision == "bf16" and p.zero_stage == 0:
             raise ConfigError("parallel.zero_stage", "train.precision=bf16 needs ZeRO stage 1, 2 or 3: DeepSpeed has "
                               "no ZeRO-0 path for bf16 weights with fp32 gradient accumulation")

@@ -78,6 +78,6 @@ class ParallelBlock(nn.Module):
         self.ffn_norm = ParallelRMSNorm(m.hidden_size, m.norm_eps, ctx)
         self.ffn = ParallelMLP(m, mp_config)
 
-    def forward(self, x: torch.Tensor, *, attention_mode: str = "sparse", position_offset: int = 0):
-        x = x + self.mixer(self.input_norm(x), attention_mode=attention_mode, position_offset=position_offset)
+    def forward(self, x: torch.Tensor, *, attention_mode: str = "sparse"):
+        x = x + self.mixer(self.input_norm(x), attention_mode=attention_mode)
         return x + self.ffn(self.ffn_norm(x))

@@ -17,6 +17,7 @@ from ..batch import IGNORE_INDEX
 from ..config.schema import ModelConfig
 from ..parallel.context import ParallelContext
 from ..reference_layout import padded_vocab_size
+from . import context_parallel as cp_ops
 from .block import ParallelBlock, ParallelRMSNorm
 from .mixer import no_init
 
@@ -66,9 +67,15 @@ class RatPlusLM(nn.Module):
         First stages read ``input_ids``, later ones the hidden state handed over by ``set_input_tensor``.
         Returns, on the last stage, the token-mean loss when ``labels`` are given, else this TP rank's
         vocabulary slice of the logits (B, T, V/tp) in fp32; on other stages the hidden state [T, B, d].
+
+        Under context parallelism every CP rank is given the whole sequence and keeps its own chunks
+        (``context_parallel.SequenceChunks``): logits and hidden states are this rank's T/cp positions, in its
+        local order; the loss is the token mean over the whole sequence (``context_parallel.token_mean_loss``).
         """
         if attention_mode not in ("sparse", "dense"):
             raise ValueError(f"attention_mode must be 'sparse' or 'dense', got {attention_mode!r}")
+        if self.ctx.cp > 1:
+            input_ids, labels = (None if t is None else self._chunks(t.shape[1]).take(t) for t in (input_ids, labels))
         if self.pre_process:
             x = self.embedding(input_ids).to(self.residual_dtype)  # [T/tp, B, d] under SP, else [B, T, d]
             x = x if self.ctx.sequence_parallel else x.transpose(0, 1).contiguous()
@@ -82,7 +89,13 @@ class RatPlusLM(nn.Module):
         logits = self._mask_padded_vocab(logits.float())
         if labels is None:
             return logits.transpose(0, 1)
-        return vocab_parallel_loss(logits, labels.transpose(0, 1))
+        loss_sum, count = vocab_parallel_loss_sum(logits, labels.transpose(0, 1))
+        if self.ctx.cp > 1:
+            return cp_ops.token_mean_loss(loss_sum, count, self.ctx.cp_group)
+        return loss_sum / count.clamp(min=1)
+
+    def _chunks(self, seq_len: int) -> cp_ops.SequenceChunks:
+        return cp_ops.SequenceChunks(seq_len, self.ctx.cp, self.ctx.cp_rank, self.ctx.cp_order)
 
     def _mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         if self.padded_vocab == self.vocab_size:
@@ -92,11 +105,12 @@ class RatPlusLM(nn.Module):
         return logits.masked_fill(column >= self.vocab_size, float("-inf"))
 
 
-def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Token-mean cross-entropy over vocabulary-parallel logits [T, B, V/tp]; ``-100`` labels are ignored.
+def vocab_parallel_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed cross-entropy over vocabulary-parallel logits [T, B, V/tp] and the number of tokens it sums;
+    ``-100`` labels are ignored.
 
     megatron-core's ``vocab_parallel_cross_entropy`` has no ignore index: ignored targets are mapped to id 0
-    and masked out of the mean."""
+    and masked out of the sum."""
     keep = labels != IGNORE_INDEX
     per_token = mc_tp.vocab_parallel_cross_entropy(logits, labels.masked_fill(~keep, 0))
-    return (per_token * keep).sum() / keep.sum().clamp(min=1)
+    return (per_token * keep).sum(), keep.sum()

@@ -14,6 +14,7 @@ from megatron.core import tensor_parallel as mc_tp
 from ..config.schema import ModelConfig
 from ..parallel.context import ParallelContext
 from ..reference_layout import local_pattern
+from . import context_parallel as cp_ops
 from . import ops
 
 
@@ -30,6 +31,7 @@ class ParallelMixer(nn.Module):
         self.recurrence = m.apply_recurrence
         self.rope_theta = m.rope_theta
         self._split = (m.num_heads, ctx.tp, ctx.tp_rank)
+        self.ctx = ctx
         self.pattern = m.layer_patterns()[layer_idx]
         self.in_proj = mc_tp.ColumnParallelLinear(m.hidden_size, m.fused_slices * m.hidden_size, config=mp_config,
                                                   init_method=no_init, bias=False, gather_output=False)
@@ -50,22 +52,33 @@ class ParallelMixer(nn.Module):
     def _heads(self, t: torch.Tensor) -> torch.Tensor:  # [T, B, H*K] -> (B, H, T, K)
         return t.unflatten(-1, (self.heads, self.head_dim)).permute(1, 2, 0, 3)
 
-    def forward(self, u: torch.Tensor, *, attention_mode: str = "sparse", position_offset: int = 0) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, *, attention_mode: str = "sparse") -> torch.Tensor:
         """u: normed input [T, B, d] ([T/tp, B, d] under sequence parallel); returns the same shape.
 
-        ``position_offset`` is the global position of the first token: RoPE and the grid rule use global
-        positions, so a context-parallel chunk computes what the same tokens compute in the whole sequence
-        (attending here to its own keys; keys of earlier chunks are the context-parallel layer's to add)."""
+        Under context parallelism T is this rank's share of the sequence (``context_parallel.SequenceChunks``):
+        the recurrence carries the earlier chunks' state in, the attention sees the earlier chunks' keys its
+        pattern allows, and RoPE and the grid rule use global positions."""
         z, _ = self.in_proj(u)  # [T, B, slices * width]
         o, q, k, v, *g = z.split(self.width, dim=-1)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
-        if self.recurrence:
-            k, v, _ = ops.recurrence(self._heads(g[0]), k, v)
-        positions = torch.arange(position_offset, position_offset + q.shape[-2], device=q.device)
-        q, k = ops.apply_rotary(q, positions, self.rope_theta), ops.apply_rotary(k, positions, self.rope_theta)
         pattern = ops.DENSE if attention_mode == "dense" else self.local_pattern
-        a = ops.attention(q, k, v, pattern, q_offset=position_offset,
-                          k_positions=positions if position_offset else None)  # (B, H, T, K)
+        if self.ctx.cp > 1:
+            a = self._context_parallel(q, k, v, g[0] if g else None, pattern)
+        else:
+            if self.recurrence:
+                k, v, _ = ops.recurrence(self._heads(g[0]), k, v)
+            positions = torch.arange(q.shape[-2], device=q.device)
+            q, k = ops.apply_rotary(q, positions, self.rope_theta), ops.apply_rotary(k, positions, self.rope_theta)
+            a = ops.attention(q, k, v, pattern)  # (B, H, T, K)
         y = a.permute(2, 0, 1, 3).flatten(2) * torch.sigmoid(o)  # [T, B, width]
         out, _ = self.out_proj(y)
         return out
+
+    def _context_parallel(self, q, k, v, g, pattern):
+        chunks = cp_ops.SequenceChunks.for_local(q.shape[-2], self.ctx.cp, self.ctx.cp_rank, self.ctx.cp_order)
+        group = self.ctx.cp_group
+        if self.recurrence:
+            k, v = cp_ops.recurrence(self._heads(g), k, v, chunks, group)
+        positions = chunks.positions(q.device)
+        q, k = ops.apply_rotary(q, positions, self.rope_theta), ops.apply_rotary(k, positions, self.rope_theta)
+        return cp_ops.attention(q, k, v, pattern, chunks, group)

@@ -28,6 +28,8 @@ class ParallelContext:
     cp_rank: int
     dp_rank: int
     sequence_parallel: bool
+    cp_order: str = "zigzag"
+    """How a sequence is cut over the context-parallel ranks (``parallel.context_parallel_order``)."""
 
     @classmethod
     def initialize(cls, parallel: ParallelConfig) -> "ParallelContext":
@@ -58,7 +60,7 @@ class ParallelContext:
             dp=world // parallel.model_parallel_size,
             tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
             cp_rank=ps.get_context_parallel_rank(), dp_rank=ps.get_data_parallel_rank(),
-            sequence_parallel=parallel.sequence_parallel,
+            sequence_parallel=parallel.sequence_parallel, cp_order=parallel.context_parallel_order,
         )
 
     # Process groups are looked up on demand: they are not picklable and belong to parallel_state.
@@ -73,6 +75,12 @@ class ParallelContext:
         from megatron.core import parallel_state as ps
 
         return ps.get_pipeline_model_parallel_group()
+
+    @property
+    def cp_group(self):
+        from megatron.core import parallel_state as ps
+
+        return ps.get_context_parallel_group()
 
     @property
     def dp_group(self):

@@ -4,8 +4,9 @@
   rank and all-reduces the gradient norm over this group (a TP-only answer would make pipeline stages
   overwrite each other's files and undercount the norm);
 - ``get_tensor_model_parallel_rank`` is the TP rank (DeepSpeed counts replicated parameters once with it);
-- the data-parallel group is the one ZeRO partitions over; with context parallelism that is DP x CP
-  (exposed as the sequence-data-parallel group), while the data loader counts DP replicas only.
+- context parallel is DeepSpeed's "sequence parallel": the data-parallel group and size are the DP replicas
+  only (DeepSpeed's batch arithmetic counts them), the sequence-data-parallel group is DP x CP (ZeRO partitions
+  over it and sums gradients in it, dividing by DP only: the CP ranks' gradients are parts of one sum).
 """
 
 from __future__ import annotations
@@ -54,17 +55,15 @@ class DeepSpeedMpu:
     def get_pipeline_model_parallel_world_size(self) -> int:
         return self.ctx.pp
 
-    # data parallel (what ZeRO partitions over)
+    # data parallel: the replicas the batch is split over
     def get_data_parallel_group(self):
-        from megatron.core import parallel_state as ps
-
-        return ps.get_data_parallel_group(with_context_parallel=True)
+        return self.ctx.dp_group
 
     def get_data_parallel_rank(self) -> int:
-        return dist.get_rank(self.get_data_parallel_group())
+        return self.ctx.dp_rank
 
     def get_data_parallel_world_size(self) -> int:
-        return self.ctx.dp * self.ctx.cp
+        return self.ctx.dp
 
     def get_data_parallel_group_ranks(self) -> list[int]:
         return dist.get_process_group_ranks(self.get_data_parallel_group())
@@ -81,11 +80,14 @@ class DeepSpeedMpu:
     def get_sequence_parallel_world_size(self) -> int:
         return self.ctx.cp
 
+    # DP x CP: what ZeRO partitions over and reduces gradients in
     def get_sequence_data_parallel_group(self):
-        return self.get_data_parallel_group()
+        from megatron.core import parallel_state as ps
+
+        return ps.get_data_parallel_group(with_context_parallel=True)
 
     def get_sequence_data_parallel_rank(self) -> int:
-        return self.get_data_parallel_rank()
+        return dist.get_rank(self.get_sequence_data_parallel_group())
 
     def get_sequence_data_parallel_world_size(self) -> int:
-        return self.get_data_parallel_world_size()
+        return self.ctx.dp * self.ctx.cp

@@ -53,6 +53,8 @@ def deepspeed_config(cfg: RunConfig, ctx: ParallelContext, runner: StepRunner) -
         config["data_types"] = {"grad_accum_dtype": "fp32"}
         # DeepSpeed reduces in the weights' dtype unless told otherwise (docs/decisions.md, "bf16").
         config["communication_data_type"] = t.grad_reduce_dtype
+        if ctx.cp > 1:  # DeepSpeed then reduces in this dtype instead
+            config["seq_parallel_communication_data_type"] = t.grad_reduce_dtype
     config.update(runner.deepspeed_config)
     return config
 

@@ -47,9 +47,27 @@ LAYOUTS = {
                   "model.pattern.topk_blocks=[0,[0,0,3,3]]", "model.pattern.block_size=8"],
     "dp2-zero2": ["parallel.zero_stage=2"],
     "tp2-pp2-zero1": ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2", "parallel.zero_stage=1"],
+    "cp2": ["parallel.context_parallel=2"],
+    "cp4": ["parallel.context_parallel=4"],
+    "cp2-tp2": ["parallel.context_parallel=2", "parallel.tensor_parallel=2", "parallel.sequence_parallel=true"],
+    "cp2-dp2": ["parallel.context_parallel=2"],
+}
+# Context parallel: every pattern at a sequence of 48 tokens, cut into chunks of 6 (CP = 4, zigzag) to 24
+# (CP = 2, contiguous); windows cross chunk boundaries, D = 5 divides no chunk length.
+CP_SEQ = 48
+CP_PATTERNS = {
+    "dense": ["model.pattern.dilation=1"],
+    "D4-W0-P0": ["model.pattern.dilation=4", "model.pattern.window=0", "model.pattern.sinks=0"],
+    "D4-W5-P2": ["model.pattern.dilation=4", "model.pattern.window=5", "model.pattern.sinks=2"],
+    "D5-W3-P1": ["model.pattern.dilation=5", "model.pattern.window=3", "model.pattern.sinks=1"],
+    "D-1-W7-P3": ["model.pattern.dilation=-1", "model.pattern.window=7", "model.pattern.sinks=3"],
+    "hybrid": ["model.pattern.dilation=[1,[4,4,8,-1]]", "model.pattern.window=[0,[0,5,2,9]]",
+               "model.pattern.sinks=[0,[0,2,1,4]]"],
 }
 # ZeRO stages trained in bf16 after a layout's fp32 checks (in the same launch).
 BF16_CHECKS = {"dp2-zero2": (1, 2), "tp2": (1,), "tp2-sp": (1,), "tp2-pp2-zero1": (1,)}
+# ZeRO stages of the fp32 training check under context parallel.
+CP_TRAINING = {"cp2-tp2": (1,), "cp2-dp2": (1, 2)}
 
 
 def check_close(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
@@ -106,6 +124,78 @@ def run_tensor_parallel(cfg, ctx: ParallelContext) -> None:
         grads = to_reference_state_dict(model, grads=True)
         for name, param in ref.named_parameters():
             check_close(f"{mode} grad {name}", grads[name], param.grad, 1e-4)
+
+
+def gather_sequence(local: torch.Tensor, ctx: ParallelContext, order: str) -> torch.Tensor:
+    """The whole-sequence tensor (time along dim 1) from every CP rank's chunks."""
+    from ratplus_mega.model.context_parallel import SequenceChunks
+
+    pieces = [torch.empty_like(local) for _ in range(ctx.cp)]
+    dist.all_gather(pieces, local.contiguous(), group=ctx.cp_group)
+    full = local.new_empty((local.shape[0], local.shape[1] * ctx.cp, *local.shape[2:]))
+    for rank, piece in enumerate(pieces):
+        full[:, SequenceChunks(full.shape[1], ctx.cp, rank, order).positions()] = piece
+    return full
+
+
+def run_context_parallel(layout: str, ctx: ParallelContext) -> None:
+    """Every pattern of ``CP_PATTERNS``, zigzag and contiguous, sparse and dense: logits, loss and every
+    gradient (summed over the CP ranks, as DeepSpeed reduces them) equal the one-process reference model's."""
+    import dataclasses
+
+    for name, pattern in CP_PATTERNS.items():
+        cfg = load_config("configs/model/tiny.yaml", LAYOUTS[layout] + pattern + [f"model.seq_len={CP_SEQ}"])
+        ref = reference_model(cfg)
+        batch = make_batch(ctx, 2, CP_SEQ, cfg.model.vocab_size)
+        for order in ("zigzag", "contiguous"):
+            ctx = dataclasses.replace(ctx, cp_order=order)
+            model = build_model(cfg.model, ctx, seed=SEED)
+            for mode in ("sparse", "dense"):
+                what = f"{name} {order} {mode}"
+                logits = model(batch["input_ids"], attention_mode=mode).detach()
+                pieces = [torch.empty_like(logits) for _ in range(ctx.tp)]
+                dist.all_gather(pieces, logits.contiguous(), group=ctx.tp_group)
+                ref_logits = ref(batch["input_ids"], attention_mode=mode).logits
+                check_close(f"{what} logits", gather_sequence(torch.cat(pieces, -1), ctx, order), ref_logits, 1e-5)
+
+                model.zero_grad()
+                ref.zero_grad()
+                loss = model(batch["input_ids"], batch["labels"], attention_mode=mode)
+                loss.backward()
+                ref_loss = F.cross_entropy(ref(batch["input_ids"], attention_mode=mode).logits.flatten(0, 1),
+                                           batch["labels"].flatten(), ignore_index=-100)
+                ref_loss.backward()
+                check_close(f"{what} loss", loss.detach(), ref_loss.detach(), 1e-5)
+                for param in model.parameters():
+                    dist.all_reduce(param.grad, group=ctx.cp_group)
+                grads = to_reference_state_dict(model, grads=True)
+                for pname, param in ref.named_parameters():
+                    check_close(f"{what} grad {pname}", grads[pname], param.grad, 1e-4)
+
+
+def run_context_parallel_training(layout: str, ctx: ParallelContext, zero_stage: int) -> None:
+    """3 clipped fp32 AdamW steps through ``build_step_runner``/``build_engine``/``train_step`` (the run's own
+    path; DeepSpeed sums gradients over CP and averages over DP): losses and gradient norms equal one process
+    stepping on the whole batch."""
+    cfg = load_config("configs/model/tiny.yaml", PATTERN + LAYOUTS[layout] + [
+        f"parallel.zero_stage={zero_stage}", "train.precision=fp32", f"model.seq_len={BF16_SEQ}",
+        f"train.micro_batch_size={BF16_BATCH}",
+        f"train.global_batch_size={BF16_BATCH * BF16_MICRO * ctx.dp}", f"train.lr={BF16_LR}", "train.adam_eps=1e-6",
+        f"train.grad_clip={BF16_CLIP}", "train.weight_decay=0.1"])
+    runner = build_step_runner(ctx, seq_len=BF16_SEQ)
+    engine = build_engine(cfg, ctx, build_model(cfg.model, ctx, seed=SEED), runner)
+    steps, losses, norms = [], [], []
+    for step in range(BF16_STEPS):
+        ranks = bf16_batches(cfg, ctx.dp, step)
+        result = train_step(runner, engine, ranks[ctx.dp_rank], lr=BF16_LR, joint=False)
+        losses.append(result.sparse.loss)
+        norms.append(result.sparse.grad_norm)
+        steps.append([b for micro in ranks for b in micro])
+    want_losses, want_norms = reference_training(cfg, steps, torch.float32)
+    check_close(f"CP ZeRO-{zero_stage} losses of {BF16_STEPS} steps", torch.tensor(losses, dtype=torch.float64),
+                want_losses, 1e-5)
+    check_close(f"CP ZeRO-{zero_stage} gradient norms of {BF16_STEPS} steps", torch.tensor(norms, dtype=torch.float64),
+                want_norms, 1e-5)
 
 
 def run_data_parallel_zero(cfg, ctx: ParallelContext) -> None:
@@ -316,7 +406,7 @@ def check_tied_copies_equal(model) -> None:
 
 
 def main(layout: str) -> None:
-    if "zero" in layout or layout in BF16_CHECKS:
+    if "zero" in layout or layout in BF16_CHECKS or layout in CP_TRAINING:
         import deepspeed.ops
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # avoids a 2-3 minute op build on CPU
@@ -324,7 +414,12 @@ def main(layout: str) -> None:
     torch.manual_seed(SEED)
     cfg = load_config("configs/model/tiny.yaml", PATTERN + LAYOUTS[layout])
     ctx = ParallelContext.initialize(cfg.parallel)
-    if layout.startswith("dp"):
+    if layout.startswith("cp"):
+        if layout != "cp2-dp2":
+            run_context_parallel(layout, ctx)
+        for zero_stage in CP_TRAINING.get(layout, ()):
+            run_context_parallel_training(layout, ctx, zero_stage)
+    elif layout.startswith("dp"):
         run_data_parallel_zero(cfg, ctx)
     elif "pp" in layout:
         run_pipeline_zero(cfg, ctx)
