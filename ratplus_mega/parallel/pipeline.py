@@ -10,6 +10,7 @@ bitwise equal after every step.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Iterable
 
 import torch
@@ -29,7 +30,7 @@ def forward_backward(model: torch.nn.Module, micro_batches: Iterable[dict[str, t
         batch = next(data_iterator)
         output = stage(batch["input_ids"] if stage.pre_process else None,
                        batch["labels"] if stage.post_process else None, attention_mode=attention_mode)
-        return output, _report_loss
+        return output, functools.partial(_report_loss, cp=stage.ctx.cp)
 
     results = get_forward_backward_func()(
         forward_step_func=step, data_iterator=iter(micro_batches), model=[model], num_microbatches=num_microbatches,
@@ -38,9 +39,11 @@ def forward_backward(model: torch.nn.Module, micro_batches: Iterable[dict[str, t
     return [r["loss"] for r in results] if model.post_process else []
 
 
-def _report_loss(loss: torch.Tensor):
-    # Two outputs: the schedule divides the loss by the number of micro-batches before backward.
-    return loss, {"loss": loss.detach().clone()}
+def _report_loss(loss: torch.Tensor, *, cp: int):
+    # Two outputs: the schedule divides the loss by the number of micro-batches before backward, and multiplies
+    # it by the context-parallel size (megatron averages gradients over DP x CP; DeepSpeed sums them over CP and
+    # averages over DP, which the loss's gradient already accounts for: model/context_parallel.py).
+    return loss / cp, {"loss": loss.detach().clone()}
 
 
 def finalize_tied_embedding(model: torch.nn.Module,

@@ -40,8 +40,8 @@ class DirectFeed:
 
 
 class BroadcastFeed:
-    """One reader per model-parallel group (its TP = PP = CP rank 0) reads for its data-parallel replica and
-    broadcasts to the group.
+    """One reader per data-parallel replica (its TP = PP = CP rank 0) reads and broadcasts to the replica: over
+    its tensor x pipeline group, then (context parallel) from each CP rank 0 over its CP group.
 
     Readers build and read their datasets in :meth:`reading`: an environment that shows them as the DP world,
     with streaming's group-less barriers redirected to a group of the readers alone (construction calls the
@@ -78,8 +78,14 @@ class BroadcastFeed:
                     os.environ[key] = value
 
     def share(self, batch: Batch | None) -> Batch:
-        """The reader's ``batch`` on every rank of its model-parallel group ({} passes on as {})."""
-        return broadcast_batch(batch, src=self.src, group=self.ctx.model_parallel_group, device=self.ctx.device)
+        """The reader's ``batch`` on every rank of its replica ({} passes on as {})."""
+        ctx = self.ctx
+        if ctx.cp_rank == 0:
+            batch = broadcast_batch(batch, src=self.src, group=ctx.model_parallel_group, device=ctx.device)
+        if ctx.cp > 1:
+            batch = broadcast_batch(batch if ctx.cp_rank == 0 else None, src=dist.get_global_rank(ctx.cp_group, 0),
+                                    group=ctx.cp_group, device=ctx.device)
+        return batch
 
 
 def _local_position(readers_group) -> tuple[int, int]:

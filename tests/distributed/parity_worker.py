@@ -51,6 +51,7 @@ LAYOUTS = {
     "cp4": ["parallel.context_parallel=4"],
     "cp2-tp2": ["parallel.context_parallel=2", "parallel.tensor_parallel=2", "parallel.sequence_parallel=true"],
     "cp2-dp2": ["parallel.context_parallel=2"],
+    "cp2-pp2": ["parallel.context_parallel=2", "parallel.pipeline_parallel=2", "parallel.zero_stage=1"],
 }
 # Context parallel: every pattern at a sequence of 48 tokens, cut into chunks of 6 (CP = 4, zigzag) to 24
 # (CP = 2, contiguous); windows cross chunk boundaries, D = 5 divides no chunk length.
@@ -67,7 +68,7 @@ CP_PATTERNS = {
 # ZeRO stages trained in bf16 after a layout's fp32 checks (in the same launch).
 BF16_CHECKS = {"dp2-zero2": (1, 2), "tp2": (1,), "tp2-sp": (1,), "tp2-pp2-zero1": (1,)}
 # ZeRO stages of the fp32 training check under context parallel.
-CP_TRAINING = {"cp2-tp2": (1,), "cp2-dp2": (1, 2)}
+CP_TRAINING = {"cp2-tp2": (1,), "cp2-dp2": (1, 2), "cp2-pp2": (1,)}
 
 
 def check_close(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
@@ -415,7 +416,7 @@ def main(layout: str) -> None:
     cfg = load_config("configs/model/tiny.yaml", PATTERN + LAYOUTS[layout])
     ctx = ParallelContext.initialize(cfg.parallel)
     if layout.startswith("cp"):
-        if layout != "cp2-dp2":
+        if layout in ("cp2", "cp4", "cp2-tp2"):
             run_context_parallel(layout, ctx)
         for zero_stage in CP_TRAINING.get(layout, ()):
             run_context_parallel_training(layout, ctx, zero_stage)

@@ -85,3 +85,10 @@ def test_context_parallel_with_data_parallel_zero_matches_one_process():
     (gradients summed over CP, averaged over DP, ZeRO partitioned over DP x CP): losses and gradient norms
     equal one process stepping on the whole batch."""
     _launch("cp2-dp2", 4)
+
+
+@pytest.mark.multiproc
+def test_context_parallel_with_pipeline_parallel_matches_one_process():
+    """CP = 2 x PP = 2 at ZeRO-1 under megatron-core's schedule (which scales the loss by the CP size for its
+    own convention; the stage hands it back): 3 clipped fp32 steps equal one process."""
+    _launch("cp2-pp2", 4)
