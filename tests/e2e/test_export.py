@@ -19,6 +19,7 @@ LAYOUTS = {
     "zero3": (1, ["parallel.zero_stage=3"]),
     "tp2-zero1": (2, ["parallel.tensor_parallel=2", "parallel.zero_stage=1"]),
     "pp2-zero1": (2, ["parallel.pipeline_parallel=2", "parallel.zero_stage=1"]),
+    "cp2-zero2": (2, ["parallel.context_parallel=2", "parallel.zero_stage=2"]),
 }
 
 

@@ -225,3 +225,33 @@ def test_two_pipeline_stages_equal_one_stage(tiny_shards, tmp_path, reference_ru
         assert got[step][1] == pytest.approx(dense, abs=2e-4), step
     want = _validation(reference_out, 16)["val/loss_dense"]
     assert _validation(tmp_path, 16)["val/loss_dense"] == pytest.approx(want, abs=2e-4)
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_two_context_parallel_ranks_equal_one_rank(tiny_shards, tmp_path, reference_run):
+    """CP = 2 (ZeRO-2, zigzag chunks): every rank reads the batch and keeps its half of each sequence; joint
+    training and per-pattern validation equal the one-process run, and after a SIGKILL of the whole job a
+    resumed run continues the same."""
+    expected, reference_out = reference_run
+    args = _train_cmd(tiny_shards, tmp_path, "parallel.context_parallel=2", "train.eval_interval=16")[3:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", _port_env()["MASTER_PORT"], "-m", "ratplus_mega.cli", *args]
+    first = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             start_new_session=True)
+    for line in first.stdout:
+        if line.startswith("step 6/"):  # step 4 is committed; kill launcher and ranks at once
+            os.killpg(first.pid, signal.SIGKILL)
+            break
+    first.wait(timeout=300)
+    rest = _torchrun(2, args)
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    assert "resumed from" in rest.stdout
+    got = _losses(tmp_path)
+    assert sorted(got) == sorted(expected)
+    for step, (sparse, dense) in expected.items():
+        assert got[step][0] == pytest.approx(sparse, abs=2e-4), step
+        assert got[step][1] == pytest.approx(dense, abs=2e-4), step
+    for key, want in _validation(reference_out, 16).items():
+        if key.startswith("val/loss_"):
+            assert _validation(tmp_path, 16)[key] == pytest.approx(want, abs=2e-4), key
