@@ -110,7 +110,7 @@ OVERRIDE_ERRORS = {
     "head-dim-odd": ("model.head_dim=1", "model.head_dim", "must be even"),
     "ffn-zero": ("model.ffn_hidden_size=0", "model.ffn_hidden_size", ">= 1"),
     "pp-divides-layers": ("parallel.pipeline_parallel=3", "parallel.pipeline_parallel", "must divide num_layers"),
-    "cp-divides-seq": ("parallel.context_parallel=3", "parallel.context_parallel", "must divide seq_len"),
+    "cp-divides-seq": ("parallel.context_parallel=3", "parallel.context_parallel", "does not split into 6 zigzag"),
     "zero-stage": ("parallel.zero_stage=4", "parallel.zero_stage", "0, 1, 2 or 3"),
     "sp-needs-tp": ("parallel.sequence_parallel=true", "parallel.sequence_parallel", "tensor_parallel > 1"),
     "tp-zero": ("parallel.tensor_parallel=0", "parallel.tensor_parallel", ">= 1"),
@@ -267,6 +267,21 @@ def test_dump_reload_round_trip(tmp_path):
     assert yaml.safe_load(text)["model"]["ffn_hidden_size"] == 256
 
 
-def test_context_parallel_is_refused_until_it_is_implemented():
-    with pytest.raises(ConfigLoadError, match="parallel.context_parallel.*not implemented yet"):
-        load_config("configs/train/tiny-cpu.yaml", ["parallel.context_parallel=2"])
+def test_context_parallel_layouts_are_checked_at_load():
+    load_config("configs/train/tiny-cpu.yaml", ["parallel.context_parallel=2"])
+    cfg = load_config("configs/train/adapt-1.5b-32k-cp8.yaml")
+    assert (cfg.parallel.context_parallel, cfg.model.seq_len) == (8, 32768)
+    # 128 tokens make 8 zigzag chunks at CP 4 (16 each), not 16 at CP 8, nor 8 chunks each over 3 SP ranks
+    load_config("configs/train/tiny-cpu.yaml", ["parallel.context_parallel=4"])
+    with pytest.raises(ConfigLoadError, match=r"parallel.context_parallel.*does not split into 16 zigzag chunks"):
+        load_config("configs/train/tiny-cpu.yaml", ["parallel.context_parallel=8", "model.seq_len=120"])
+    load_config("configs/train/tiny-cpu.yaml", ["parallel.context_parallel=8", "model.seq_len=120",
+                                                "parallel.context_parallel_order=contiguous"])
+    with pytest.raises(ConfigLoadError, match=r"each split over 2 sequence-parallel ranks"):
+        load_config("configs/train/tiny-cpu.yaml", ["parallel.context_parallel=4", "model.seq_len=136",
+                                                    "parallel.tensor_parallel=2", "parallel.sequence_parallel=true"])
+    with pytest.raises(ConfigLoadError, match=r"'model.pattern.topk_blocks'.*top-k block attention runs on whole"):
+        load_config("configs/train/tiny-cpu.yaml", ["parallel.context_parallel=2", "model.pattern.topk_blocks=4"])
+    with pytest.raises(ConfigLoadError, match=r"train.eval_patterns\[0\].topk_blocks"):
+        load_config("configs/train/tiny-cpu.yaml", ["parallel.context_parallel=2",
+                                                    "train.eval_patterns=[{dilation: 8, topk_blocks: 4}]"])
