@@ -66,7 +66,7 @@ CP_PATTERNS = {
                "model.pattern.sinks=[0,[0,2,1,4]]"],
 }
 # ZeRO stages trained in bf16 after a layout's fp32 checks (in the same launch).
-BF16_CHECKS = {"dp2-zero2": (1, 2), "tp2": (1,), "tp2-sp": (1,), "tp2-pp2-zero1": (1,)}
+BF16_CHECKS = {"dp2-zero2": (1, 2), "tp2": (1,), "tp2-sp": (1,), "tp2-pp2-zero1": (1,), "cp2-dp2": (2,)}
 # ZeRO stages of the fp32 training check under context parallel.
 CP_TRAINING = {"cp2-tp2": (1,), "cp2-dp2": (1, 2), "cp2-pp2": (1,)}
 
