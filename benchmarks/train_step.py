@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py --config configs/model/tiny.yaml [--micro-batch 4] [--steps 5] [key=value ...]
     python benchmarks/train_step.py --config configs/model/ratplus-1.5b.yaml --micro-batch 1 \
-        train.activation_checkpointing=true                                          # on one GPU
+        train.recompute=selective                                                    # on one GPU
 
 One process, DeepSpeed ZeRO-1, bf16 on GPU (fp32 on CPU), random tokens. Prints tokens/s, step time, MFU
 (docs/flops.md; GPU only) and peak memory, with each row's ratio to the dense step measured in the same run.

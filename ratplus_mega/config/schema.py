@@ -235,6 +235,14 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Megatron sequence parallel inside each tensor-parallel group."""
     zero_stage: int = 1
+    zero_overlap_comm: bool = True
+    """ZeRO-1/2: reduce gradient buckets while backward still runs (DeepSpeed's ``overlap_comm``)."""
+    zero_contiguous_gradients: bool = True
+    """ZeRO-2: copy gradients into one contiguous buffer as they are produced (less fragmentation)."""
+    zero_bucket_elements: int = 500_000_000
+    """Elements per gradient reduce bucket and per parameter all-gather bucket (DeepSpeed's
+    ``reduce_bucket_size`` / ``allgather_bucket_size``): larger buckets, fewer and more efficient collectives,
+    more memory held (2 bytes x bucket in bf16, 4 in fp32)."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """auto: the GPUs when present, else the CPU; cuda: a rank without a GPU stops at start (what a cluster job
     wants: launch/train_slurm.sbatch sets it); cpu: the GPUs are hidden."""
@@ -245,6 +253,8 @@ class ParallelConfig:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError("zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.zero_bucket_elements < 1:
+            raise ConfigError("zero_bucket_elements", f"must be >= 1, got {self.zero_bucket_elements}")
         if self.sequence_parallel and self.tensor_parallel == 1:
             raise ConfigError("sequence_parallel", "needs tensor_parallel > 1")
         if self.zero_stage == 3 and (self.tensor_parallel, self.pipeline_parallel, self.context_parallel) != (1, 1, 1):
@@ -339,7 +349,14 @@ class TrainConfig:
     """The residual stream's dtype under bf16: fp32 as the reference's autocast keeps it (the mixer's and FFN's
     bf16 outputs are added in fp32, the norms hand bf16 to the matmuls), bf16 halves its activation memory and
     the bytes pipeline stages send (docs/decisions.md, "bf16")."""
-    activation_checkpointing: bool = False
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activations recomputed in backward instead of stored: none; selective, the mixer's core (recurrence,
+    RoPE and attention: the fp32 scan state and attention statistics, a small share of the FLOPs); full, every
+    block (only its input is stored)."""
+    loss_chunk_tokens: int = 0
+    """The output layer and loss run over chunks of this many positions of a micro-batch's sequence, each
+    chunk's logits recomputed in backward, so the fp32 logits (micro-batch x seq x vocab) are never held whole;
+    0: all at once."""
     seed: int = 1005
     log_interval: int = 10
     eval_interval: int = 1000
@@ -361,6 +378,8 @@ class TrainConfig:
 
     def __post_init__(self):
         self.eval_patterns = [PatternConfig(**p) if isinstance(p, dict) else p for p in self.eval_patterns]
+        if self.loss_chunk_tokens < 0:
+            raise ConfigError("loss_chunk_tokens", f"must be >= 0 (0: no chunks), got {self.loss_chunk_tokens}")
         for name in ("micro_batch_size", "global_batch_size", "train_tokens", "log_interval", "eval_interval",
                      "save_interval", "keep_last"):
             if getattr(self, name) < 1:

@@ -268,6 +268,10 @@ def attention(q, k, v, pattern: Pattern, scale: float | None = None, *, q_offset
         if k_positions is not None:
             raise ValueError("top-k block attention needs the keys at positions 0 .. Tk - 1 (no k_positions)")
         return topk_attention(q, k, v, pattern, scale, q_offset=q_offset)
+    if dilation == 1 and k_positions is None and q_offset == 0 and q.shape[-2] == k.shape[-2]:
+        # Dense causal attention over the whole sequence: torch's SDPA (flash attention on CUDA), not the fused
+        # sparse kernel, until that is measured faster.
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     fused = _fused("sparse_attention", q)
     if fused is not None:
         return fused(q, k, v, dilation, window, sinks, scale, q_offset=q_offset, k_positions=k_positions)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from megatron.core import tensor_parallel as mc_tp
 from megatron.core.enums import ModelType
 
@@ -49,6 +50,8 @@ class RatPlusLM(nn.Module):
                 self.output_weight = nn.Parameter(torch.empty(self.padded_vocab // ctx.tp, m.hidden_size,
                                                               dtype=params_dtype))
         self.input_tensor = None
+        self.loss_chunk_tokens = 0
+        """Positions per chunk of the output layer and loss (``train.loss_chunk_tokens``; 0: all at once)."""
         self.residual_dtype = torch.float32
         """The residual stream's dtype, also what a stage hands the next (``train.residual_dtype``, set by the
         engine set-up; fp32 keeps it as the reference's autocast does when DeepSpeed runs the weights in bf16)."""
@@ -85,14 +88,40 @@ class RatPlusLM(nn.Module):
             x = layer(x, attention_mode=attention_mode)
         if not self.post_process:
             return x.contiguous()  # gloo refuses non-contiguous sends
-        logits, _ = self.output_layer(self.final_norm(x), weight=self.head_weight())  # [T, B, V/tp]
-        logits = self._mask_padded_vocab(logits.float())
+        h = self.final_norm(x)
         if labels is None:
-            return logits.transpose(0, 1)
-        loss_sum, count = vocab_parallel_loss_sum(logits, labels.transpose(0, 1))
+            return self._logits(h).transpose(0, 1)
+        loss_sum, count = self._loss_sum(h, labels.transpose(0, 1))
         if self.ctx.cp > 1:
             return cp_ops.token_mean_loss(loss_sum, count, self.ctx.cp_group)
         return loss_sum / count.clamp(min=1)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """[T, B, V/tp] fp32 logits of the final hidden state h ([T/tp, B, d] under SP: the layer gathers it)."""
+        logits, _ = self.output_layer(h, weight=self.head_weight())
+        return self._mask_padded_vocab(logits.float())
+
+    def _loss_sum(self, h: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed loss and token count of h against labels [T, B], over chunks of ``loss_chunk_tokens`` positions
+        when set: each chunk's logits are made, reduced to its loss and dropped, and made again in backward."""
+        local, chunk = h.shape[0], self.loss_chunk_tokens
+        if not chunk or chunk >= local:
+            return vocab_parallel_loss_sum(self._logits(h), labels)
+        # Under SP the layer gathers each chunk from every TP rank: rank r's row i is position r * local + i.
+        tp = self.ctx.tp if self.ctx.sequence_parallel else 1
+        rows = torch.arange(tp, device=labels.device)[:, None] * local + torch.arange(local, device=labels.device)
+        total = count = 0
+        for start in range(0, local, chunk):
+            part = (h[start:start + chunk], labels[rows[:, start:start + chunk].flatten()])
+            if torch.is_grad_enabled():
+                loss_sum, n = torch.utils.checkpoint.checkpoint(self._chunk_loss_sum, *part, use_reentrant=False)
+            else:
+                loss_sum, n = self._chunk_loss_sum(*part)
+            total, count = total + loss_sum, count + n
+        return total, count
+
+    def _chunk_loss_sum(self, h: torch.Tensor, labels: torch.Tensor):
+        return vocab_parallel_loss_sum(self._logits(h), labels)
 
     def _chunks(self, seq_len: int) -> cp_ops.SequenceChunks:
         return cp_ops.SequenceChunks(seq_len, self.ctx.cp, self.ctx.cp_rank, self.ctx.cp_order)

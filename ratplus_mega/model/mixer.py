@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from megatron.core import tensor_parallel as mc_tp
 
 from ..config.schema import ModelConfig
@@ -32,6 +33,8 @@ class ParallelMixer(nn.Module):
         self.rope_theta = m.rope_theta
         self._split = (m.num_heads, ctx.tp, ctx.tp_rank)
         self.ctx = ctx
+        self.recompute_core = False
+        """Recompute the core (recurrence, RoPE, attention) in backward instead of storing its activations."""
         self.pattern = m.layer_patterns()[layer_idx]
         self.in_proj = mc_tp.ColumnParallelLinear(m.hidden_size, m.fused_slices * m.hidden_size, config=mp_config,
                                                   init_method=no_init, bias=False, gather_output=False)
@@ -62,23 +65,30 @@ class ParallelMixer(nn.Module):
         o, q, k, v, *g = z.split(self.width, dim=-1)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
         pattern = ops.DENSE if attention_mode == "dense" else self.local_pattern
-        if self.ctx.cp > 1:
-            a = self._context_parallel(q, k, v, g[0] if g else None, pattern)
+        gate = self._heads(g[0]) if g else None
+        if self.recompute_core and torch.is_grad_enabled():
+            a = torch.utils.checkpoint.checkpoint(self._core, q, k, v, gate, pattern, use_reentrant=False)
         else:
-            if self.recurrence:
-                k, v, _ = ops.recurrence(self._heads(g[0]), k, v)
-            positions = torch.arange(q.shape[-2], device=q.device)
-            q, k = ops.apply_rotary(q, positions, self.rope_theta), ops.apply_rotary(k, positions, self.rope_theta)
-            a = ops.attention(q, k, v, pattern)  # (B, H, T, K)
+            a = self._core(q, k, v, gate, pattern)
         y = a.permute(2, 0, 1, 3).flatten(2) * torch.sigmoid(o)  # [T, B, width]
         out, _ = self.out_proj(y)
         return out
 
-    def _context_parallel(self, q, k, v, g, pattern):
-        chunks = cp_ops.SequenceChunks.for_local(q.shape[-2], self.ctx.cp, self.ctx.cp_rank, self.ctx.cp_order)
-        group = self.ctx.cp_group
+    def _core(self, q, k, v, gate, pattern) -> torch.Tensor:
+        """The recurrence over k and v, RoPE and attention under ``pattern``: (B, H, T, K)."""
+        if self.ctx.cp > 1:
+            return self._core_context_parallel(q, k, v, gate, pattern)
         if self.recurrence:
-            k, v = cp_ops.recurrence(self._heads(g), k, v, chunks, group)
-        positions = chunks.positions(q.device)
-        q, k = ops.apply_rotary(q, positions, self.rope_theta), ops.apply_rotary(k, positions, self.rope_theta)
-        return cp_ops.attention(q, k, v, pattern, chunks, group)
+            k, v, _ = ops.recurrence(gate, k, v)
+        q, k = self._rotate(q, k, torch.arange(q.shape[-2], device=q.device))
+        return ops.attention(q, k, v, pattern)
+
+    def _core_context_parallel(self, q, k, v, gate, pattern) -> torch.Tensor:
+        chunks = cp_ops.SequenceChunks.for_local(q.shape[-2], self.ctx.cp, self.ctx.cp_rank, self.ctx.cp_order)
+        if self.recurrence:
+            k, v = cp_ops.recurrence(gate, k, v, chunks, self.ctx.cp_group)
+        q, k = self._rotate(q, k, chunks.positions(q.device))
+        return cp_ops.attention(q, k, v, pattern, chunks, self.ctx.cp_group)
+
+    def _rotate(self, q, k, positions):
+        return ops.apply_rotary(q, positions, self.rope_theta), ops.apply_rotary(k, positions, self.rope_theta)

@@ -40,7 +40,10 @@ def deepspeed_config(cfg: RunConfig, ctx: ParallelContext, runner: StepRunner) -
         "gradient_accumulation_steps": accum,
         "train_batch_size": t.micro_batch_size * accum * ctx.dp,
         "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": p.zero_stage},
+        "zero_optimization": {"stage": p.zero_stage, "overlap_comm": p.zero_overlap_comm,
+                              "contiguous_gradients": p.zero_contiguous_gradients,
+                              "reduce_bucket_size": p.zero_bucket_elements,
+                              "allgather_bucket_size": p.zero_bucket_elements},
         "bf16": {"enabled": bf16},
         "optimizer": {"type": "AdamW", "params": {
             "lr": t.lr, "betas": list(t.adam_betas), "eps": t.adam_eps, "weight_decay": t.weight_decay,
@@ -68,11 +71,15 @@ def parameter_groups(model: RatPlusLM, decay_all: bool, weight_decay: float) -> 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def apply_activation_checkpointing(model: RatPlusLM) -> None:
-    """Recompute each block in backward instead of storing its activations (no dropout: no RNG to replay)."""
+def apply_recompute(model: RatPlusLM, mode: str) -> None:
+    """``train.recompute``: ``full`` recomputes each block in backward (only its input stored), ``selective``
+    each mixer's core (recurrence, RoPE, attention); no dropout, so there is no RNG to replay."""
     for block in model.modules():
-        if isinstance(block, ParallelBlock):
+        if not isinstance(block, ParallelBlock):
+            continue
+        if mode == "full":
             block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
+        block.mixer.recompute_core = mode == "selective"
 
 
 def build_engine(cfg: RunConfig, ctx: ParallelContext, model: RatPlusLM, runner: StepRunner):
@@ -84,8 +91,8 @@ def build_engine(cfg: RunConfig, ctx: ParallelContext, model: RatPlusLM, runner:
     if cfg.train.precision == "bf16" and cfg.train.residual_dtype == "bf16":
         model.residual_dtype = torch.bfloat16
     runner.prepare(model)
-    if cfg.train.activation_checkpointing:
-        apply_activation_checkpointing(model)
+    apply_recompute(model, cfg.train.recompute)
+    model.loss_chunk_tokens = cfg.train.loss_chunk_tokens
     groups = parameter_groups(model, cfg.train.decay_all_parameters, cfg.train.weight_decay)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=deepspeed_config(cfg, ctx, runner),
                                       mpu=DeepSpeedMpu(ctx))

@@ -31,7 +31,7 @@ from ratplus_mega.model.mapping import to_reference_state_dict
 from ratplus_mega.reference_layout import reference_config
 from ratplus_mega.parallel import ParallelContext
 from ratplus_mega.parallel.broadcast import broadcast_batch
-from ratplus_mega.train.engine import build_engine
+from ratplus_mega.train.engine import apply_recompute, build_engine
 from ratplus_mega.train.joint import train_step
 from ratplus_mega.train.runner import build_step_runner
 
@@ -125,6 +125,30 @@ def run_tensor_parallel(cfg, ctx: ParallelContext) -> None:
         grads = to_reference_state_dict(model, grads=True)
         for name, param in ref.named_parameters():
             check_close(f"{mode} grad {name}", grads[name], param.grad, 1e-4)
+    check_speed_settings(model, ref, batch, ctx)
+
+
+def check_speed_settings(model, ref, batch, ctx: ParallelContext) -> None:
+    """Selective recompute and the loss over chunks of 5 positions (under SP, each chunk gathered from every TP
+    rank) give the reference's loss and gradients."""
+    apply_recompute(model, "selective")
+    model.loss_chunk_tokens = 5
+    model.zero_grad()
+    ref.zero_grad()
+    loss = model(batch["input_ids"], batch["labels"])
+    loss.backward()
+    ref_loss = F.cross_entropy(ref(batch["input_ids"]).logits.flatten(0, 1), batch["labels"].flatten(),
+                               ignore_index=-100)
+    ref_loss.backward()
+    check_close("recompute + chunked loss: loss", loss.detach(), ref_loss.detach(), 1e-5)
+    if ctx.cp > 1:
+        for param in model.parameters():
+            dist.all_reduce(param.grad, group=ctx.cp_group)
+    grads = to_reference_state_dict(model, grads=True)
+    for name, param in ref.named_parameters():
+        check_close(f"recompute + chunked loss: grad {name}", grads[name], param.grad, 1e-4)
+    apply_recompute(model, "none")
+    model.loss_chunk_tokens = 0
 
 
 def gather_sequence(local: torch.Tensor, ctx: ParallelContext, order: str) -> torch.Tensor:
@@ -172,6 +196,8 @@ def run_context_parallel(layout: str, ctx: ParallelContext) -> None:
                 grads = to_reference_state_dict(model, grads=True)
                 for pname, param in ref.named_parameters():
                     check_close(f"{what} grad {pname}", grads[pname], param.grad, 1e-4)
+            if name == "D4-W5-P2":  # the recomputed core re-enters the CP collectives in backward
+                check_speed_settings(model, ref, batch, ctx)
 
 
 def run_context_parallel_training(layout: str, ctx: ParallelContext, zero_stage: int) -> None:

@@ -191,3 +191,25 @@ def test_gathered_keys_at_global_positions(assert_close, t, d, w, p, offset):
     w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)
     merged = (w1[..., None] * o1 + w2[..., None] * o2) / (w1 + w2)[..., None]
     assert_close("merged out", merged, ref_out, FP32_VALUES)
+
+
+def test_dense_attention_over_the_whole_sequence_runs_sdpa_not_the_fused_kernel(monkeypatch, assert_close):
+    """Where a fused kernel is present (CUDA), a dense pattern over the whole sequence goes to torch's SDPA
+    (flash attention); a sparse pattern, or keys at given positions, still go to the kernel."""
+    from ratplus_mega.hf import modeling_ratplus
+
+    calls = []
+
+    def fake_kernel(q, k, v, dilation, window, sinks, scale, **kw):
+        calls.append((dilation, window, sinks))
+        return sparse_attention(q, k, v, dilation, window, sinks, scale, **kw)
+
+    monkeypatch.setattr(modeling_ratplus, "_fused", lambda name, tensor: fake_kernel)
+    q, k, v = qkv(1, 2, 24, 24, 16, seed=2)
+    for pattern in [(1, 0, 0), (1, 4, 2)]:
+        out = modeling_ratplus.attention(q, k, v, pattern)
+        assert_close(f"dense {pattern}", out, masked_dense(q, k, v, *pattern)[0], FP32_VALUES)
+    assert calls == []
+    modeling_ratplus.attention(q, k, v, (4, 2, 1))
+    modeling_ratplus.attention(q[..., 8:, :], k, v, (1, 0, 0), q_offset=8)
+    assert calls == [(4, 2, 1), (1, 0, 0)]

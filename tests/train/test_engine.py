@@ -8,7 +8,7 @@ from ratplus_mega.config import load_config
 from ratplus_mega.model import build_model
 from ratplus_mega.model.mapping import to_reference_state_dict
 from ratplus_mega.parallel import ParallelContext
-from ratplus_mega.train.engine import apply_activation_checkpointing, deepspeed_config, gradient_accumulation_steps
+from ratplus_mega.train.engine import apply_recompute, deepspeed_config, gradient_accumulation_steps
 from ratplus_mega.train.runner import EngineRunner, PipelineRunner
 from ratplus_mega.train.joint import PassResult, StepResult
 from ratplus_mega.train.loop import _check_finite
@@ -28,6 +28,8 @@ def test_deepspeed_config_follows_the_recipe():
     assert conf["communication_data_type"] == "fp32"  # DeepSpeed's default would reduce in bf16
     assert conf["optimizer"]["params"]["betas"] == [0.9, 0.95] and conf["optimizer"]["params"]["weight_decay"] == 0.1
     assert "managed_gradient_accumulation" not in conf
+    assert conf["zero_optimization"] == {"stage": 1, "overlap_comm": True, "contiguous_gradients": True,
+                                         "reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000}
     piped = load_config("configs/train/pretrain-1.5b-100bt.yaml", ["parallel.pipeline_parallel=2"])
     runner = PipelineRunner.__new__(PipelineRunner)  # its data feed needs process groups; the config does not
     runner.bf16 = True
@@ -60,19 +62,49 @@ def test_batch_sizes_that_do_not_divide_over_ranks_are_refused():
         gradient_accumulation_steps(cfg, _ctx(dp=3))
 
 
-def test_activation_checkpointing_gives_the_same_gradients(single_rank):
+def _loss_and_grads(model, tokens):
+    loss = model(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    return loss.detach(), to_reference_state_dict(model, grads=True)
+
+
+def test_recompute_modes_give_the_same_loss_and_gradients(single_rank):
     cfg = load_config("configs/model/tiny.yaml", ["model.pattern.window=2"])
     ctx = ParallelContext.initialize(cfg.parallel)
     tokens = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(0))
-    grads = []
-    for checkpointing in (False, True):
+    results = {}
+    for mode in ("none", "selective", "full"):
         model = build_model(cfg.model, ctx, seed=3)
-        if checkpointing:
-            apply_activation_checkpointing(model)
-        model(tokens[:, :-1], tokens[:, 1:]).backward()
-        grads.append(to_reference_state_dict(model, grads=True))
-    for name, grad in grads[0].items():
-        assert torch.equal(grads[1][name], grad), name
+        apply_recompute(model, mode)
+        results[mode] = _loss_and_grads(model, tokens)
+    for mode in ("selective", "full"):
+        assert torch.equal(results[mode][0], results["none"][0]), mode
+        for name, grad in results["none"][1].items():
+            assert torch.equal(results[mode][1][name], grad), (mode, name)
+
+
+def test_loss_over_chunks_equals_the_whole(single_rank):
+    """Chunks of 5 of 32 positions (the last one short), ignored labels among them: the same loss and
+    gradients, in training and in evaluation."""
+    cfg = load_config("configs/model/tiny.yaml")
+    ctx = ParallelContext.initialize(cfg.parallel)
+    tokens = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(1))
+    tokens[0, 1:6] = -100  # labels only: inputs are tokens[:, :-1]
+    inputs = tokens.clamp(min=0)
+    results = []
+    for chunk in (0, 5):
+        model = build_model(cfg.model, ctx, seed=3)
+        model.loss_chunk_tokens = chunk
+        loss = model(inputs[:, :-1], tokens[:, 1:])
+        loss.backward()
+        with torch.no_grad():
+            evaluated = model(inputs[:, :-1], tokens[:, 1:])
+        results.append((loss.detach(), evaluated, to_reference_state_dict(model, grads=True)))
+    (whole, whole_eval, whole_grads), (chunked, chunked_eval, chunked_grads) = results
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=0)
+    torch.testing.assert_close(chunked_eval, whole_eval, rtol=1e-6, atol=0)
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 class _NormingEngine:  # what the check asks of a DeepSpeed engine: does it measure a gradient norm
