@@ -357,6 +357,9 @@ class TrainConfig:
     """The output layer and loss run over chunks of this many positions of a micro-batch's sequence, each
     chunk's logits recomputed in backward, so the fp32 logits (micro-batch x seq x vocab) are never held whole;
     0: all at once."""
+    compile_glue: bool = False
+    """``torch.compile`` the elementwise glue between the matmuls and kernels (RMSNorm, RoPE, the output gate):
+    fewer memory passes on a GPU; off until measured there."""
     seed: int = 1005
     log_interval: int = 10
     eval_interval: int = 1000

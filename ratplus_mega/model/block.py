@@ -16,6 +16,7 @@ from megatron.core import tensor_parallel as mc_tp
 
 from ..config.schema import ModelConfig
 from ..parallel.context import ParallelContext
+from . import glue
 from .mixer import ParallelMixer, no_init
 
 
@@ -46,14 +47,13 @@ class ParallelRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
         self.ctx = ctx
+        self.norm = glue.rms_norm  # or its compiled version (glue.compile_glue)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if self.ctx.sequence_parallel and self.training:
             weight = _AllReduceGradOverTP.apply(weight, self.ctx.tp_group)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (weight * xf.to(x.dtype)).to(weight.dtype)
+        return self.norm(x, weight, self.eps)
 
 
 class ParallelMLP(nn.Module):

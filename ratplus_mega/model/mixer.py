@@ -16,6 +16,7 @@ from ..config.schema import ModelConfig
 from ..parallel.context import ParallelContext
 from ..reference_layout import local_pattern
 from . import context_parallel as cp_ops
+from . import glue
 from . import ops
 
 
@@ -33,6 +34,7 @@ class ParallelMixer(nn.Module):
         self.rope_theta = m.rope_theta
         self._split = (m.num_heads, ctx.tp, ctx.tp_rank)
         self.ctx = ctx
+        self.rotate, self.output_gate = glue.rotate, glue.output_gate  # or compiled (glue.compile_glue)
         self.recompute_core = False
         """Recompute the core (recurrence, RoPE, attention) in backward instead of storing its activations."""
         self.pattern = m.layer_patterns()[layer_idx]
@@ -70,8 +72,7 @@ class ParallelMixer(nn.Module):
             a = torch.utils.checkpoint.checkpoint(self._core, q, k, v, gate, pattern, use_reentrant=False)
         else:
             a = self._core(q, k, v, gate, pattern)
-        y = a.permute(2, 0, 1, 3).flatten(2) * torch.sigmoid(o)  # [T, B, width]
-        out, _ = self.out_proj(y)
+        out, _ = self.out_proj(self.output_gate(a, o))
         return out
 
     def _core(self, q, k, v, gate, pattern) -> torch.Tensor:
@@ -80,15 +81,12 @@ class ParallelMixer(nn.Module):
             return self._core_context_parallel(q, k, v, gate, pattern)
         if self.recurrence:
             k, v, _ = ops.recurrence(gate, k, v)
-        q, k = self._rotate(q, k, torch.arange(q.shape[-2], device=q.device))
+        q, k = self.rotate(q, k, torch.arange(q.shape[-2], device=q.device), self.rope_theta)
         return ops.attention(q, k, v, pattern)
 
     def _core_context_parallel(self, q, k, v, gate, pattern) -> torch.Tensor:
         chunks = cp_ops.SequenceChunks.for_local(q.shape[-2], self.ctx.cp, self.ctx.cp_rank, self.ctx.cp_order)
         if self.recurrence:
             k, v = cp_ops.recurrence(gate, k, v, chunks, self.ctx.cp_group)
-        q, k = self._rotate(q, k, chunks.positions(q.device))
+        q, k = self.rotate(q, k, chunks.positions(q.device), self.rope_theta)
         return cp_ops.attention(q, k, v, pattern, chunks, self.ctx.cp_group)
-
-    def _rotate(self, q, k, positions):
-        return ops.apply_rotary(q, positions, self.rope_theta), ops.apply_rotary(k, positions, self.rope_theta)

@@ -13,8 +13,10 @@ import torch
 import torch.utils.checkpoint
 
 from ..config.schema import RunConfig
-from ..model.block import ParallelBlock
+from ..model import glue
+from ..model.block import ParallelBlock, ParallelRMSNorm
 from ..model.lm import RatPlusLM
+from ..model.mixer import ParallelMixer
 from ..parallel.context import ParallelContext
 from .runner import StepRunner
 
@@ -82,6 +84,16 @@ def apply_recompute(model: RatPlusLM, mode: str) -> None:
         block.mixer.recompute_core = mode == "selective"
 
 
+def apply_compile_glue(model: RatPlusLM) -> None:
+    """``train.compile_glue``: every norm and mixer of ``model`` runs the compiled elementwise glue
+    (``model/glue.py``: RMSNorm, RoPE, the output gate)."""
+    for module in model.modules():
+        if isinstance(module, ParallelRMSNorm):
+            module.norm = glue.compiled(glue.rms_norm)
+        elif isinstance(module, ParallelMixer):
+            module.rotate, module.output_gate = glue.compiled(glue.rotate), glue.compiled(glue.output_gate)
+
+
 def build_engine(cfg: RunConfig, ctx: ParallelContext, model: RatPlusLM, runner: StepRunner):
     """Wrap ``model`` in a DeepSpeed engine with the run's optimizer and precision, for ``runner``'s layout."""
     import deepspeed
@@ -92,6 +104,8 @@ def build_engine(cfg: RunConfig, ctx: ParallelContext, model: RatPlusLM, runner:
         model.residual_dtype = torch.bfloat16
     runner.prepare(model)
     apply_recompute(model, cfg.train.recompute)
+    if cfg.train.compile_glue:
+        apply_compile_glue(model)
     model.loss_chunk_tokens = cfg.train.loss_chunk_tokens
     groups = parameter_groups(model, cfg.train.decay_all_parameters, cfg.train.weight_decay)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=deepspeed_config(cfg, ctx, runner),
