@@ -19,6 +19,7 @@ positions, through the same attention function as one process (``k_positions``).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -96,7 +97,10 @@ class _AllGather(torch.autograd.Function):
         ctx.group = group
         size = dist.get_world_size(group)
         out = x.new_empty((size, *x.shape))
-        dist.all_gather(list(out.unbind(0)), x.contiguous(), group=group)
+        if dist.get_backend(group) == "nccl":
+            dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        else:  # gloo gathers into a list only
+            dist.all_gather(list(out.unbind(0)), x.contiguous(), group=group)
         return out
 
     @staticmethod
@@ -154,16 +158,22 @@ def recurrence(g: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunks: Sequen
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _shared_positions(span: tuple[int, int], patterns: list[tuple]) -> torch.Tensor:
-    """Positions of the chunk ``span`` that a query of a later chunk may attend to under any of ``patterns``."""
-    start, stop = span
-    p = torch.arange(start, stop)
-    shared = torch.zeros_like(p, dtype=torch.bool)
-    for dilation, window, sinks in {pattern[:3] for pattern in patterns}:
-        shared |= (p < sinks) | (p >= stop - window)
-        if dilation != -1:
-            shared |= (p + 1) % dilation == 0
-    return p[shared]
+@functools.lru_cache(maxsize=64)
+def _shared_positions(length: int, count: int, patterns: tuple) -> tuple[torch.Tensor, ...]:
+    """For each of ``count`` chunks of ``length`` tokens, the positions (CPU, ascending) a query of a later chunk
+    may attend to under any of the head ``patterns``: sinks, grid keys, the last W. Host-side and cached: the
+    forward asks the device nothing to lay out its gather."""
+    out = []
+    for c in range(count):
+        start, stop = c * length, (c + 1) * length
+        p = torch.arange(start, stop)
+        shared = torch.zeros_like(p, dtype=torch.bool)
+        for dilation, window, sinks in {pattern[:3] for pattern in patterns}:
+            shared |= (p < sinks) | (p >= stop - window)
+            if dilation != -1:
+                shared |= (p + 1) % dilation == 0
+        out.append(p[shared])
+    return tuple(out)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, chunks: SequenceChunks, group):
@@ -173,25 +183,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, chunks
     if any(topk_of(p) for p in patterns):
         raise ValueError("top-k block attention runs on whole sequences (inference and adaptation without "
                          "context parallelism)")
-    # What each chunk of every rank shares, padded to one size for the all-gather.
-    shared = {c: _shared_positions((c * chunks.length, (c + 1) * chunks.length), patterns)
-              for c in range(chunks.count)}
-    width = max(len(pos) for pos in shared.values())
+    shared = _shared_positions(chunks.length, chunks.count, tuple(sorted(set(patterns))))
+    width = max(len(pos) for pos in shared)  # every rank pads its chunks' shared keys to it for the all-gather
     mine = []
     for i, c in enumerate(chunks.chunk_ids()):
-        index = (shared[c] - c * chunks.length + i * chunks.length).to(k.device)
+        index = (shared[c] - c * chunks.length + i * chunks.length).to(k.device, non_blocking=True)
         kv = torch.stack([k[..., index, :], v[..., index, :]])  # (2, B, H, n, K)
         mine.append(F.pad(kv, (0, 0, 0, width - len(index))))
     gathered = all_gather(torch.stack(mine), group)  # (cp, chunks per rank, 2, B, H, width, K)
-    pieces = [(shared[c], gathered[r, i, :, :, :, :len(shared[c])])
-              for r in range(chunks.cp) for i, c in enumerate(chunks.chunk_ids(r))]
-    pieces.sort(key=lambda piece: int(piece[0][0]) if len(piece[0]) else -1)
-    early_pos = torch.cat([pos for pos, _ in pieces]).to(q.device)
-    early_kv = torch.cat([kv for _, kv in pieces], dim=-2)  # (2, B, H, N, K), positions ascending
+    holder = {c: (r, i) for r in range(chunks.cp) for i, c in enumerate(chunks.chunk_ids(r))}
+    # Every chunk's shared keys in sequence order; a chunk attends to those of the chunks before it.
+    early_kv = torch.cat([gathered[holder[c]][..., :len(shared[c]), :] for c in range(chunks.count)], dim=-2)
+    early_pos = torch.cat(shared).to(q.device, non_blocking=True)
     outs = []
-    for i, (start, stop) in enumerate(chunks.spans):
+    for i, c in enumerate(chunks.chunk_ids()):
+        start, stop = chunks.spans[i]
         part = slice(i * chunks.length, (i + 1) * chunks.length)
-        before = int(torch.searchsorted(early_pos, start))
+        before = sum(len(pos) for pos in shared[:c])
         keys = torch.cat([early_kv[0, ..., :before, :], k[..., part, :]], dim=-2)
         values = torch.cat([early_kv[1, ..., :before, :], v[..., part, :]], dim=-2)
         positions = torch.cat([early_pos[:before], torch.arange(start, stop, device=q.device)])
