@@ -68,7 +68,7 @@ CP_PATTERNS = {
 # ZeRO stages trained in bf16 after a layout's fp32 checks (in the same launch).
 BF16_CHECKS = {"dp2-zero2": (1, 2), "tp2": (1,), "tp2-sp": (1,), "tp2-pp2-zero1": (1,), "cp2-dp2": (2,)}
 # ZeRO stages of the fp32 training check under context parallel.
-CP_TRAINING = {"cp2-tp2": (1,), "cp2-dp2": (1, 2), "cp2-pp2": (1,)}
+CP_TRAINING = {"cp2-tp2": (1,), "cp2-dp2": (0, 1, 2), "cp2-pp2": (1,)}
 
 
 def check_close(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
@@ -221,8 +221,9 @@ def run_context_parallel_training(layout: str, ctx: ParallelContext, zero_stage:
     want_losses, want_norms = reference_training(cfg, steps, torch.float32)
     check_close(f"CP ZeRO-{zero_stage} losses of {BF16_STEPS} steps", torch.tensor(losses, dtype=torch.float64),
                 want_losses, 1e-5)
-    check_close(f"CP ZeRO-{zero_stage} gradient norms of {BF16_STEPS} steps", torch.tensor(norms, dtype=torch.float64),
-                want_norms, 1e-5)
+    if zero_stage > 0:  # DeepSpeed's ZeRO-0 clips without reporting the norm; the losses above carry the clipping
+        check_close(f"CP ZeRO-{zero_stage} gradient norms of {BF16_STEPS} steps",
+                    torch.tensor(norms, dtype=torch.float64), want_norms, 1e-5)
 
 
 def run_data_parallel_zero(cfg, ctx: ParallelContext) -> None:

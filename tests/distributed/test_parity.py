@@ -81,9 +81,10 @@ def test_context_parallel_with_tensor_parallel_matches_reference():
 
 @pytest.mark.multiproc
 def test_context_parallel_with_data_parallel_zero_matches_one_process():
-    """CP = 2 x DP = 2: 3 clipped fp32 steps at ZeRO-1 and ZeRO-2 through the run's step runner and engine
-    (gradients summed over CP, averaged over DP, ZeRO partitioned over DP x CP): losses and gradient norms
-    equal one process stepping on the whole batch. Then bf16 at ZeRO-2: within the bf16 tolerance."""
+    """CP = 2 x DP = 2: 3 clipped fp32 steps at ZeRO-0, 1 and 2 through the run's step runner and engine
+    (gradients summed over CP, averaged over DP, ZeRO partitioned over DP x CP): losses and gradient norms (ZeRO-0
+    reports none) equal one process stepping on the whole batch. Then bf16 at ZeRO-2: within the bf16
+    tolerance."""
     _launch("cp2-dp2", 4)
 
 
