@@ -3,9 +3,10 @@
 Each tensor x pipeline rank's fp32 weights are consolidated over its ZeRO partitions with DeepSpeed's
 ``zero_to_fp32`` (run on that rank's files alone: it knows nothing of TP/PP), then the TP pieces and the
 pipeline stages are joined through ``reference_layout.py``, the table the training model is sharded by.
-This module is the only one that knows DeepSpeed's file names. The checkpoint's files are verified first
-(present, of the size and SHA-256 recorded when they were written, holding only allow-listed classes) and then
-loaded weights-only, ``zero_to_fp32``'s loads included (``trust.py``).
+This module and ``relayout.py`` (which also reads the optimizer state) are the only ones that know
+DeepSpeed's file names. The checkpoint's files are verified first (present, of the size and SHA-256 recorded
+when they were written, holding only allow-listed classes) and then loaded weights-only, ``zero_to_fp32``'s
+loads included (``trust.py``).
 """
 
 from __future__ import annotations

@@ -58,13 +58,10 @@ def run_config(checkpoint: Path) -> RunConfig:
     return load_config(Path(checkpoint) / CONFIG)
 
 
-def check_resumable(checkpoint: Path, *, layout: dict[str, int], model: ModelConfig) -> Marker:
-    """The marker of ``checkpoint`` if a run of ``layout`` and ``model`` can continue it; else ValueError
-    naming what differs."""
+def check_resumable(checkpoint: Path, *, model: ModelConfig) -> Marker:
+    """The marker of ``checkpoint`` if it holds ``model``; else ValueError naming the fields that differ. Whether
+    the run's layout can continue it is ``relayout.py``'s question."""
     marker = read_marker(checkpoint)
-    if marker.layout != layout:
-        raise ValueError(f"{checkpoint} was written with layout {marker.layout}, this run is {layout}: resume with "
-                         "the same tensor/pipeline/context/data parallel sizes")
     differing = sorted(k for k, v in model_fingerprint(model).items() if marker.model.get(k) != v)
     if differing:
         raise ValueError(f"{checkpoint} holds another model than this config: model.{', model.'.join(differing)} "

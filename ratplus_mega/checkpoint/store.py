@@ -14,9 +14,10 @@ Protocol: every rank writes into the temporary tag, hashing each file as it writ
 it wrote (and their folder), never another rank's: syncs grow with the rank count, not its square; the ranks'
 file lists meet on rank 0 (an all-gather, so every rank has synced before rank 0 goes on); rank 0 writes the
 marker (step, layout, model, run id, each file's size and SHA-256), renames the folder to its final tag with
-``os.replace``, rewrites ``latest`` and prunes its own run's old checkpoints; barrier. Resume scans for the newest folder that holds a marker, so ``latest`` is never
-trusted alone, and verifies it (spread over the ranks) before DeepSpeed opens a file: a damaged one is set
-aside and the next older one tried, a file naming a class outside the allow-list (``trust.py``) stops the run.
+``os.replace``, rewrites ``latest`` and prunes its own run's old checkpoints; barrier. Resume scans for the
+newest folder that holds a marker, so ``latest`` is never trusted alone, and verifies it (spread over the ranks)
+before DeepSpeed opens a file: a damaged one is set aside and the next older one tried, a file naming a class
+outside the allow-list (``trust.py``) stops the run. A checkpoint of another layout is re-cut (``relayout.py``).
 Nothing is ever deleted but the run's own checkpoints beyond ``train.keep_last``.
 """
 
@@ -39,7 +40,9 @@ from ..durable import fsync_dir, fsync_files, write_text_durably
 from ..errors import RatplusError
 from .integrity import (FileCheck, FileProblem, install_recording_engine, listed_files, problem_line, save_recorded,
                         verify_checkpoint, write_text_recorded)
-from .marker import CONFIG, MARKER, Marker, check_resumable, marker_json, model_fingerprint, read_marker
+from .marker import (CONFIG, MARKER, Marker, check_resumable, marker_json, model_fingerprint, read_marker,
+                     run_config)
+from .relayout import SavedTrainingState, place_training_state, relayout_refusal
 from .trust import restricted_loads, safe_load
 
 _TAG = re.compile(r"step(\d{9})")
@@ -141,12 +144,26 @@ def checkpoint_bytes(checkpoint: Path) -> int:
 def resume_checkpoint(engine, checkpoint: Path, *, run: RunConfig, layout: dict[str, int]) -> dict:
     """Load committed ``checkpoint`` into ``engine`` (weights, optimizer) after checking that ``run`` laid out as
     ``layout`` may continue it; returns this rank's state (``step``, ``data``, ``rng``). Every file is loaded
-    weights-only with the allow-list (verify it first: :func:`select_resume_checkpoint`)."""
-    check_resumable(checkpoint, layout=layout, model=run.model)
+    weights-only with the allow-list (verify it first: :func:`select_resume_checkpoint`).
+
+    A checkpoint of another (tp, pp, dp) layout is re-cut when both sides run ZeRO-1 or ZeRO-2 without context
+    parallelism (``relayout.py``); otherwise ValueError, one line naming the checkpoint and both layouts."""
+    marker = check_resumable(checkpoint, model=run.model)
     install_recording_engine(engine)
-    with restricted_loads():
-        engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name, load_lr_scheduler_states=False)
-    return load_rank_state(checkpoint)
+    if marker.layout == layout:
+        with restricted_loads():
+            engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name, load_lr_scheduler_states=False)
+        return load_rank_state(checkpoint)
+    saved_zero = run_config(checkpoint).parallel.zero_stage
+    refusal = relayout_refusal(checkpoint, saved=marker.layout, saved_zero=saved_zero, layout=layout,
+                               zero=run.parallel.zero_stage)
+    if refusal:
+        raise ValueError(refusal)
+    place_training_state(engine, SavedTrainingState(checkpoint, run.model, tp=marker.layout["tp"]))
+    if dist.get_rank() == 0:
+        print(f"{checkpoint} was written with layout {marker.layout}, this run is {layout}: its weights and "
+              "optimizer state were re-cut for this layout", flush=True)
+    return _state_for_another_layout(checkpoint)
 
 
 def load_module_weights(engine, checkpoint: Path, *, key: str = "train.init_from") -> None:
@@ -168,6 +185,17 @@ def load_rank_state(path: Path) -> dict:
         raise RuntimeError(f"{path} has no state for rank {dist.get_rank()} ({file.name}): it was written by a "
                            "run with fewer ranks")
     return safe_load(file)
+
+
+def _state_for_another_layout(checkpoint: Path) -> dict:
+    """This rank's state from a checkpoint of another layout. The step and the data position are the same on every
+    rank that reads data, rank 0 among them (the loader counts samples over all DP ranks, so a new DP size
+    resumes at the same sample); the RNG states are this rank's where the checkpoint has its file, else rank
+    0's (training draws no random numbers: no dropout, the loader has its own seeds)."""
+    first = safe_load(checkpoint / _rank_file(0))
+    own = checkpoint / _rank_file(dist.get_rank())
+    rng = safe_load(own)["rng"] if own.is_file() else first["rng"]
+    return {"step": first["step"], "data": first["data"], "rng": rng}
 
 
 def select_resume_checkpoint(root: str | Path) -> Path | None:

@@ -141,8 +141,9 @@ def restricted_loads(names: Iterable[str] | None = None) -> Iterator[None]:
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
 
 
-def safe_load(path: str | Path, map_location="cpu"):
-    """``torch.load`` of ``path`` after :func:`unlisted_globals` admitted it; weights-only, allow-list only.
+def safe_load(path: str | Path, map_location="cpu", *, mmap: bool = False):
+    """``torch.load`` of ``path`` after :func:`unlisted_globals` admitted it; weights-only, allow-list only;
+    ``mmap``: tensors stay in the file until read.
 
     Raises UnreadableFile or FileRefused (one line, naming the file) instead of torch's or zipfile's text."""
     path = Path(path)
@@ -151,7 +152,7 @@ def safe_load(path: str | Path, map_location="cpu"):
         raise FileRefused(path, unlisted)
     try:
         with restricted_loads(found):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise FileRefused(path, [_first_line(e)]) from None
     except _READ_ERRORS as e:
