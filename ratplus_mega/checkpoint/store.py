@@ -110,7 +110,7 @@ def save_checkpoint(engine, root: str | Path, *, step: int, rank_state: dict, ru
     tmp.mkdir(parents=True, exist_ok=True)
     written = {_relative(path, tmp): record for path, record in recorder.written.items()}
     written[_rank_file(rank)] = save_recorded(rank_state, tmp / _rank_file(rank))
-    fsync_files(p for p in tmp.rglob('*') if p.is_file())
+    fsync_files(tmp / name for name in written)
     every_rank: list[dict] = [{} for _ in range(dist.get_world_size())]
     # Also the barrier before the marker: every rank's files are on disk once it returns anywhere.
     dist.all_gather_object(every_rank, written)
