@@ -210,6 +210,24 @@ def test_two_ranks_disjoint_resumable_and_resume_on_one(folder, tmp_path):
     assert one["epoch"] == 1 and set(one["batches"][10]) <= set(range(WINDOWS))
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_one_rank_resumed_on_two_sees_the_same_global_batches(folder, tmp_path):
+    """A one-rank state resumed on two DP ranks (a job that gained a node): every later global batch (the two
+    ranks' micro-batches of one step) holds the samples of the one-rank run's two micro-batches of that step,
+    and the epoch's windows are each seen once."""
+    state = str(tmp_path / "state.json")
+    one = _launch(folder, tmp_path, world=1, replication=1, plan=[{"take": 24}, {"take": 8, "save": state}])[0]
+    assert one[1]["batches"] == one[0]["batches"][:8]
+    (tmp_path / "two").mkdir()
+    two = _launch(folder, tmp_path / "two", world=2, replication=1, plan=[{"take": 8, "load": state}])
+    for step in range(8):
+        expected = one[0]["batches"][8 + 2 * step] + one[0]["batches"][9 + 2 * step]
+        assert sorted(two[0][0]["batches"][step] + two[1][0]["batches"][step]) == sorted(expected), step
+    seen = [i for b in one[1]["batches"] for i in b] + [i for r in two for b in r[0]["batches"] for i in b]
+    assert sorted(seen) == list(range(WINDOWS))
+
+
 @pytest.mark.multiproc
 def test_tensor_parallel_peers_get_identical_batches(folder, tmp_path):
     ranks = _launch(folder, tmp_path, world=2, replication=2, plan=[{"take": 30}])
