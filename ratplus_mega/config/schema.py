@@ -236,7 +236,8 @@ class ParallelConfig:
     """Megatron sequence parallel inside each tensor-parallel group."""
     zero_stage: int = 1
     zero_overlap_comm: bool = True
-    """ZeRO-1/2: reduce gradient buckets while backward still runs (DeepSpeed's ``overlap_comm``)."""
+    """ZeRO-1/2: reduce gradient buckets while backward still runs (DeepSpeed's ``overlap_comm``). Pipeline-parallel
+    runs go without: DeepSpeed overlaps there only at ZeRO-2, and they run ZeRO-1."""
     zero_contiguous_gradients: bool = True
     """ZeRO-2: copy gradients into one contiguous buffer as they are produced (less fragmentation)."""
     zero_bucket_elements: int = 500_000_000

@@ -60,7 +60,11 @@ def deepspeed_config(cfg: RunConfig, ctx: ParallelContext, runner: StepRunner) -
         config["communication_data_type"] = t.grad_reduce_dtype
         if ctx.cp > 1:  # DeepSpeed then reduces in this dtype instead
             config["seq_parallel_communication_data_type"] = t.grad_reduce_dtype
-    config.update(runner.deepspeed_config)
+    for key, value in runner.deepspeed_config.items():  # the runner's settings win, section by section
+        if isinstance(value, dict):
+            config.setdefault(key, {}).update(value)
+        else:
+            config[key] = value
     return config
 
 

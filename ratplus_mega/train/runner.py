@@ -88,7 +88,8 @@ class PipelineRunner(StepRunner):
 
     @property
     def deepspeed_config(self) -> dict:
-        config = {"managed_gradient_accumulation": False}
+        # DeepSpeed overlaps gradient reduction without its managed accumulation only at ZeRO-2; PP runs ZeRO-1.
+        config = {"managed_gradient_accumulation": False, "zero_optimization": {"overlap_comm": False}}
         if self.bf16:
             # The schedule calls backward itself: without these hooks the fp32 buffers are empty at the step.
             config["bf16"] = {"enabled": True, "immediate_grad_update": True}

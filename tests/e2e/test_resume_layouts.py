@@ -89,10 +89,8 @@ def test_model_parallel_1_to_2_to_1(uninterrupted, single_document_shards, tmp_p
     there; the TP cut does not depend on how ZeRO partitions)."""
     reference, key = uninterrupted(1), parallel[0] + "p"
     _continue(reference, 2, tmp_path / "two")
-    # DeepSpeed 0.19.8 stops a ZeRO-1 engine with overlap_comm under the pipeline schedule (its
-    # managed_gradient_accumulation=False) at set-up; parallel.zero_overlap_comm defaults to true.
     proc = _train(single_document_shards, tmp_path / "two", "parallel.zero_stage=1",
-                  f"parallel.{parallel}_parallel=2", "parallel.zero_overlap_comm=false", nproc=2)
+                  f"parallel.{parallel}_parallel=2", nproc=2)
     _assert_continues(reference, tmp_path / "two", proc, 3, **{key: 2, "dp": 1})
     _continue(tmp_path / "two", 4, tmp_path / "one")
     proc = _train(single_document_shards, tmp_path / "one", "parallel.zero_stage=1")

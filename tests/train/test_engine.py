@@ -36,6 +36,8 @@ def test_deepspeed_config_follows_the_recipe():
     runner.bf16 = True
     conf = deepspeed_config(piped, _ctx(pp=2, dp=32), runner)
     assert conf["managed_gradient_accumulation"] is False
+    assert conf["zero_optimization"]["overlap_comm"] is False  # DeepSpeed refuses it here without ZeRO-2
+    assert conf["zero_optimization"]["stage"] == 1
     # megatron-core's schedule never calls engine.backward: the hooks move each micro-batch's bf16 gradient
     # into the fp32 buffers (tests/distributed holds the result to the fp32 reference)
     assert conf["bf16"] == {"enabled": True, "immediate_grad_update": True}
