@@ -8,6 +8,8 @@ partition order; its TP pieces are joined through ``reference_layout.py`` (the t
 also for the fused rank-major projection). The receiving engine's own fragment map (``_hp_mapping``, the one
 DeepSpeed's universal checkpoint loads through) says which part of each tensor this rank keeps. Files are
 memory-mapped: a rank holds one parameter's tensors at a time, and ranks on one node share the page cache.
+Context-parallel ranks hold the same weights and ZeRO partitions over DP x CP, so a CP checkpoint's partitions
+read like a DP one's and a CP run's engine places its fragments like any other.
 """
 
 from __future__ import annotations
@@ -33,8 +35,6 @@ def relayout_refusal(checkpoint: Path, *, saved: dict[str, int], saved_zero: int
     why = None
     if saved_zero not in RELAYOUT_ZERO_STAGES or zero not in RELAYOUT_ZERO_STAGES:
         why = "changing the layout needs ZeRO-1 or ZeRO-2 on both sides"
-    elif saved["cp"] != 1 or layout["cp"] != 1:
-        why = "changing the layout of a context-parallel run is not supported"
     if why is None:
         return None
     return (f"{checkpoint} was written with layout {saved} at ZeRO-{saved_zero}, this run is {layout} at "

@@ -57,6 +57,7 @@ def test_recut_state_continues_the_run_exactly(single_rank, tmp_path, saved_zero
 def test_layouts_it_cannot_serve_are_refused_in_one_line(tmp_path):
     saved, now = {"tp": 1, "pp": 1, "cp": 1, "dp": 2}, {"tp": 1, "pp": 1, "cp": 1, "dp": 1}
     assert relayout_refusal(tmp_path, saved=saved, saved_zero=2, layout=now, zero=1) is None
-    for saved_zero, zero, layout in ((0, 1, now), (2, 3, now), (1, 1, {**now, "cp": 2})):
+    assert relayout_refusal(tmp_path, saved=saved, saved_zero=2, layout={**now, "cp": 2}, zero=1) is None
+    for saved_zero, zero, layout in ((0, 1, now), (2, 3, now), (1, 0, {**now, "cp": 2})):
         line = relayout_refusal(tmp_path, saved=saved, saved_zero=saved_zero, layout=layout, zero=zero)
         assert "\n" not in line and str(tmp_path) in line and str(saved) in line and str(layout) in line, line
