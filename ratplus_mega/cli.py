@@ -207,9 +207,9 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
     from .quickstart.pipeline import QuickstartOptions, run_quickstart
 
-    run_quickstart(QuickstartOptions(out=Path(args.out), inputs=args.input, preset=args.preset,
-                                     documents=args.documents, pretrain_steps=args.pretrain_steps,
-                                     adapt_steps=args.adapt_steps))
+    given = {key: getattr(args, key) for key in ("documents", "pretrain_steps", "adapt_steps", "batch_size")
+             if getattr(args, key) is not None}
+    run_quickstart(QuickstartOptions(out=Path(args.out), inputs=args.input, preset=args.preset, **given))
     return 0
 
 
@@ -307,9 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--out", default="runs/quickstart", help="where every artefact goes")
     quick.add_argument("--input", nargs="*", default=[], help="your own .txt/.jsonl/.parquet files instead")
     quick.add_argument("--preset", default="tiny", help="model preset of configs/model/ (default tiny)")
-    quick.add_argument("--documents", type=int, default=4000, help="synthetic documents to write")
-    quick.add_argument("--pretrain-steps", type=int, default=300)
-    quick.add_argument("--adapt-steps", type=int, default=100)
+    quick.add_argument("--documents", type=int, help="synthetic documents to write (default 40000)")
+    quick.add_argument("--pretrain-steps", type=int, help="pretraining steps of each model (default 600)")
+    quick.add_argument("--adapt-steps", type=int, help="adaptation steps of each model (default 100)")
+    quick.add_argument("--batch-size", type=int, help="sequences per step (default 64)")
     quick.set_defaults(func=cmd_quickstart)
 
     ev = sub.add_parser("eval", help="perplexity, recall, needle-in-a-haystack and lm-eval tasks per attention pattern")

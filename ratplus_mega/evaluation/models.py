@@ -122,8 +122,11 @@ def open_model(path: str | Path, *, tokenizer: str | Path | None = None) -> Iter
     """The HF folder ``path``, or the newest committed checkpoint of a training run exported (fp32) to a
     temporary folder that lives as long as the context. ``tokenizer`` (a sentencepiece ``.model``) replaces
     the folder's or the run's own."""
+    from transformers.utils import logging as hf_logging
+
     from ..inference.generate import load_model
 
+    hf_logging.disable_progress_bar()  # "Loading checkpoint shards" for every pattern and folder
     path = Path(path)
     if tokenizer is not None and not Path(tokenizer).is_file():
         raise RatplusError(f"--tokenizer {tokenizer}: no such file")

@@ -42,6 +42,10 @@ class EvalOptions:
     recall_slot: int = 8
     recall_length: int | None = None
     """Tokens per recall sample (default: the model's window, at most 128, minus one)."""
+    recall_rounds: int = RecallLayout.rounds
+    """Rounds of queries per recall sample (only the first is scored)."""
+    recall_repeat: int = RecallLayout.repeat
+    """Times each word of a fact is written in a recall sample."""
     niah_lengths: list[int] = field(default_factory=list)
     """Context lengths (default: 1/4, 1/2, 3/4 and all of the model's window)."""
     niah_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
@@ -109,7 +113,8 @@ def run_eval(opts: EvalOptions, *, echo=print) -> dict:
 def recall_accuracy(loaded: LoadedModel, opts: EvalOptions) -> dict:
     """``{"recall", "answers"}``: MQAR accuracy under the pattern set on ``loaded``."""
     layout = RecallLayout(length=opts.recall_length or min(loaded.max_length, 128) - 1, facts=opts.recall_facts,
-                          slot=opts.recall_slot)
+                          slot=opts.recall_slot, rounds=opts.recall_rounds,
+                          repeat=opts.recall_repeat)
     tokens, answers = recall_batch(_vocabulary(loaded), layout, opts.recall_samples,
                                    torch.Generator().manual_seed(opts.seed))
     hits, total = answer_hits(loaded.logits, tokens, answers, opts.batch_size)

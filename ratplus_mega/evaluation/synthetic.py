@@ -1,20 +1,24 @@
 """Synthetic retrieval at the token level: multi-query associative recall (MQAR, the quickstart's corpus) and
 needle-in-a-haystack (single and multi-key), generated here from a seed, no downloads.
 
-Every item is one token: a fact is two adjacent tokens ``key value``, and asking for it is writing ``key``
-again later; the answer is the ``value`` token that follows. A sample is a row of token ids and a boolean
-mask of the positions that hold an answer. A model answers a position right when its argmax prediction at the
-position before is the answer token: teacher forcing, which for a one-token answer is exactly the first token
-greedy decoding would produce (the decode cache reproduces the prefill's logits, docs/spec.md §4).
+Every item is one token: a fact is two adjacent tokens ``key value`` (or each written twice), and asking for it
+is writing ``key`` again later; the answer is the ``value`` token that follows. A sample is a row of token ids
+and a boolean mask of the positions that hold an answer. A model answers a position right when its argmax
+prediction at the position before is the answer token: teacher forcing, which for a one-token answer is exactly
+the first token greedy decoding would produce (the decode cache reproduces the prefill's logits, docs/spec.md
+§4).
 
 Words, not ids, define the tasks: :class:`Vocabulary` maps them through a tokenizer and keeps those that are
 one token, so the same tasks run on the quickstart's model (whose corpus is made of these words) and on any
 model whose tokenizer encodes them as single pieces.
 
 MQAR layout of a ``length``-token sample: fact i sits at a random offset inside its own ``slot``-token slot at
-the start (its value never leaves the slot), filler tokens follow, and the last ``2 * facts`` positions ask
-for every fact once, in random order, each query followed by its answer. ``min_gap`` is the least distance
-from the last fact to the first query, so a local window smaller than it never covers a fact.
+the start (its value never leaves the slot), each of its two words written ``repeat`` times (``key key value
+value`` for 2), filler tokens follow, and the last ``2 * facts * rounds``
+positions ask for every fact once per round, each round in its own random order, each query followed by its
+answer. ``min_gap`` is the least distance from the last fact to the first query, so a local window smaller
+than it never covers a fact. Only the first round's answers are scored: a later round can also be answered
+from an earlier round's answers, which may lie within a local window.
 """
 
 from __future__ import annotations
@@ -71,14 +75,30 @@ class RecallLayout:
     facts: int = 8
     slot: int = 8
     min_gap: int = 16
+    rounds: int = 1
+    repeat: int = 1
+    """Times each word of a fact is written (2: ``key key value value``). The second copy gives every key and
+    value a predictable occurrence: a language model trained on every token must then tell keys (and values)
+    apart, where otherwise, each predicted only as a uniform draw from its set, their tied embeddings collapse
+    onto one direction and no recall is learned (docs/decisions.md, "The quickstart's miniature replication").
+    The queries are written once (``key value``)."""
 
     def __post_init__(self):
-        if self.slot < 2 or self.facts < 1:
-            raise ValueError(f"recall layout: need slot >= 2 and facts >= 1, got slot {self.slot}, facts {self.facts}")
-        gap = self.length - 2 * self.facts - self.facts * self.slot
-        if gap < self.min_gap:
-            raise ValueError(f"recall layout: {self.facts} facts in slots of {self.slot} and {self.facts} queries leave "
-                             f"a gap of {gap} tokens in {self.length}, less than min_gap {self.min_gap}")
+        if self.slot < 2 * self.repeat or self.facts < 1 or self.rounds < 1 or self.repeat < 1:
+            raise ValueError(f"recall layout: need repeat >= 1, slot >= 2 * repeat, facts >= 1 and rounds >= 1, got "
+                             f"slot {self.slot}, repeat {self.repeat}, facts {self.facts}, rounds {self.rounds}")
+        if self.gap < self.min_gap:
+            raise ValueError(f"recall layout: {self.facts} facts in slots of {self.slot} and {self.rounds} round(s) of "
+                             f"queries leave a gap of {self.gap} tokens in {self.length}, less than min_gap "
+                             f"{self.min_gap}")
+
+    @property
+    def gap(self) -> int:
+        return self.length - self.facts * self.slot - 2 * self.facts * self.rounds
+
+    def round_start(self, r: int) -> int:
+        """Position of the first query of round ``r`` (0-based)."""
+        return self.length - 2 * self.facts * (self.rounds - r)
 
 
 def recall_batch(vocab: Vocabulary, layout: RecallLayout, n: int, generator: torch.Generator
@@ -92,15 +112,18 @@ def recall_batch(vocab: Vocabulary, layout: RecallLayout, n: int, generator: tor
     tokens = filler_t[torch.randint(len(filler_t), (n, layout.length), generator=generator)]
     keys = keys_t[torch.argsort(torch.rand(n, len(keys_t), generator=generator), dim=1)[:, :f]]
     values = values_t[torch.randint(len(values_t), (n, f), generator=generator)]
-    offsets = torch.randint(layout.slot - 1, (n, f), generator=generator)
+    offsets = torch.randint(layout.slot - 2 * layout.repeat + 1, (n, f), generator=generator)
     rows = torch.arange(n)[:, None]
     at = torch.arange(f)[None, :] * layout.slot + offsets
-    tokens[rows, at], tokens[rows, at + 1] = keys, values
-    order = torch.argsort(torch.rand(n, f, generator=generator), dim=1)
-    ask = layout.length - 2 * f + 2 * torch.arange(f)[None, :].expand(n, f)
-    tokens[rows, ask], tokens[rows, ask + 1] = keys.gather(1, order), values.gather(1, order)
+    for c in range(layout.repeat):
+        tokens[rows, at + c], tokens[rows, at + layout.repeat + c] = keys, values
     answers = torch.zeros(n, layout.length, dtype=torch.bool)
-    answers[rows, ask + 1] = True
+    for r in range(layout.rounds):
+        order = torch.argsort(torch.rand(n, f, generator=generator), dim=1)
+        ask = layout.round_start(r) + 2 * torch.arange(f)[None, :].expand(n, f)
+        tokens[rows, ask], tokens[rows, ask + 1] = keys.gather(1, order), values.gather(1, order)
+        if r == 0:
+            answers[rows, ask + 1] = True
     return tokens, answers
 
 
@@ -111,12 +134,14 @@ def recall_words(layout: RecallLayout, rng, *, keys=KEYS, values=VALUES, filler=
     facts = rng.sample(list(keys), layout.facts)
     answer = {}
     for i, key in enumerate(facts):
-        at = i * layout.slot + rng.randrange(layout.slot - 1)
+        at = i * layout.slot + rng.randrange(layout.slot - 2 * layout.repeat + 1)
         answer[key] = rng.choice(values)
-        words[at], words[at + 1] = key, answer[key]
-    start = layout.length - 2 * layout.facts
-    for i, key in enumerate(rng.sample(facts, len(facts))):
-        words[start + 2 * i], words[start + 2 * i + 1] = key, answer[key]
+        for c in range(layout.repeat):
+            words[at + c], words[at + layout.repeat + c] = key, answer[key]
+    for r in range(layout.rounds):
+        start = layout.round_start(r)
+        for i, key in enumerate(rng.sample(facts, len(facts))):
+            words[start + 2 * i], words[start + 2 * i + 1] = key, answer[key]
     return words
 
 

@@ -92,3 +92,26 @@ def test_niah_puts_the_asked_needle_at_its_depth():
         assert answers[:, -1].all() and answers.sum() == 4
         assert (tokens[:, at] == tokens[:, -2]).all() and (tokens[:, at + 1] == tokens[:, -1]).all()
         assert torch.isin(tokens[:, :-2], torch.tensor(vocab.keys)).sum(1).eq(3).all()
+
+
+def test_recall_samples_with_repeated_facts_and_rounds_of_queries():
+    """The quickstart's layout: each word of a fact written twice (``key key value value``) inside its slot,
+    two rounds of single ``key value`` queries, only the first scored; looking answers up still scores all."""
+    vocab = Vocabulary.from_tokenizer(lambda w: WordTokenizer()(w)["input_ids"])
+    layout = RecallLayout(length=127, facts=8, slot=8, rounds=2, repeat=2)
+    tokens, answers = recall_batch(vocab, layout, 32, torch.Generator().manual_seed(0))
+    assert answers.sum(1).eq(8).all() and not answers[:, layout.round_start(1):].any()
+    for row in tokens:
+        for slot in range(8):
+            words = row[8 * slot:8 * slot + 8].tolist()
+            at = next(i for i, w in enumerate(words) if w in vocab.keys)
+            assert words[at] == words[at + 1] and words[at + 2] == words[at + 3] and words[at + 2] in vocab.values
+        for start in (layout.round_start(0), layout.round_start(1)):
+            assert set(row[start:start + 16:2].tolist()) == set(row[:64][torch.isin(row[:64], torch.tensor(
+                vocab.keys))].tolist())
+    options = EvalOptions(model="hand-built", recall_samples=64, recall_rounds=2, recall_repeat=2)
+    assert recall_accuracy(_loaded(LookUp()), options) == {"recall": 1.0, "answers": 64 * 8}
+    words = recall_words(layout, __import__("random").Random(0))
+    assert len(words) == 127 and sum(w in KEYS for w in words) == 8 * 2 + 8 * 2
+    with pytest.raises(ValueError, match="repeat"):
+        RecallLayout(slot=3, repeat=2)
