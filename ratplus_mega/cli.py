@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--input", nargs="*", default=[], help="your own .txt/.jsonl/.parquet files instead")
     quick.add_argument("--preset", default="tiny", help="model preset of configs/model/ (default tiny)")
     quick.add_argument("--documents", type=int, help="synthetic documents to write (default 40000)")
-    quick.add_argument("--pretrain-steps", type=int, help="pretraining steps of each model (default 600)")
+    quick.add_argument("--pretrain-steps", type=int, help="pretraining steps of each model (default 1000)")
     quick.add_argument("--adapt-steps", type=int, help="adaptation steps of each model (default 100)")
     quick.add_argument("--batch-size", type=int, help="sequences per step (default 64)")
     quick.set_defaults(func=cmd_quickstart)
