@@ -108,24 +108,38 @@ def run_tensor_parallel(cfg, ctx: ParallelContext) -> None:
             raise AssertionError(f"rank {dist.get_rank()}: initial {name} differs from the reference")
     batch = make_batch(ctx, 2, 32, cfg.model.vocab_size)
     for mode in ("sparse", "dense"):
-        logits = model(batch["input_ids"], attention_mode=mode).detach()
-        pieces = [torch.empty_like(logits) for _ in range(ctx.tp)]
-        dist.all_gather(pieces, logits.contiguous(), group=ctx.tp_group)
-        ref_logits = ref(batch["input_ids"], attention_mode=mode).logits
-        check_close(f"{mode} logits", torch.cat(pieces, -1), ref_logits, 1e-5)
-
-        model.zero_grad()
-        ref.zero_grad()
-        loss = model(batch["input_ids"], batch["labels"], attention_mode=mode)
-        loss.backward()
-        ref_loss = F.cross_entropy(ref(batch["input_ids"], attention_mode=mode).logits.flatten(0, 1),
-                                   batch["labels"].flatten(), ignore_index=-100)
-        ref_loss.backward()
-        check_close(f"{mode} loss", loss.detach(), ref_loss.detach(), 1e-5)
-        grads = to_reference_state_dict(model, grads=True)
-        for name, param in ref.named_parameters():
-            check_close(f"{mode} grad {name}", grads[name], param.grad, 1e-4)
+        check_logits(model, ref, batch, ctx, mode, mode)
+        check_loss_and_grads(model, ref, batch, ctx, mode, mode)
     check_speed_settings(model, ref, batch, ctx)
+
+
+def check_logits(model, ref, batch, ctx: ParallelContext, mode: str, what: str, order: str = "zigzag") -> None:
+    """The model's logits, gathered over TP (and over CP, chunks in ``order``), equal the reference's."""
+    logits = model(batch["input_ids"], attention_mode=mode).detach()
+    pieces = [torch.empty_like(logits) for _ in range(ctx.tp)]
+    dist.all_gather(pieces, logits.contiguous(), group=ctx.tp_group)
+    logits = torch.cat(pieces, -1)
+    if ctx.cp > 1:
+        logits = gather_sequence(logits, ctx, order)
+    check_close(f"{what} logits", logits, ref(batch["input_ids"], attention_mode=mode).logits, 1e-5)
+
+
+def check_loss_and_grads(model, ref, batch, ctx: ParallelContext, mode: str, what: str) -> None:
+    """The loss and every gradient (summed over the CP ranks, as DeepSpeed reduces them) equal the reference's."""
+    model.zero_grad()
+    ref.zero_grad()
+    loss = model(batch["input_ids"], batch["labels"], attention_mode=mode)
+    loss.backward()
+    ref_loss = F.cross_entropy(ref(batch["input_ids"], attention_mode=mode).logits.flatten(0, 1),
+                               batch["labels"].flatten(), ignore_index=-100)
+    ref_loss.backward()
+    check_close(f"{what} loss", loss.detach(), ref_loss.detach(), 1e-5)
+    if ctx.cp > 1:
+        for param in model.parameters():
+            dist.all_reduce(param.grad, group=ctx.cp_group)
+    grads = to_reference_state_dict(model, grads=True)
+    for name, param in ref.named_parameters():
+        check_close(f"{what} grad {name}", grads[name], param.grad, 1e-4)
 
 
 def check_speed_settings(model, ref, batch, ctx: ParallelContext) -> None:
@@ -133,20 +147,7 @@ def check_speed_settings(model, ref, batch, ctx: ParallelContext) -> None:
     rank) give the reference's loss and gradients."""
     apply_recompute(model, "selective")
     model.loss_chunk_tokens = 5
-    model.zero_grad()
-    ref.zero_grad()
-    loss = model(batch["input_ids"], batch["labels"])
-    loss.backward()
-    ref_loss = F.cross_entropy(ref(batch["input_ids"]).logits.flatten(0, 1), batch["labels"].flatten(),
-                               ignore_index=-100)
-    ref_loss.backward()
-    check_close("recompute + chunked loss: loss", loss.detach(), ref_loss.detach(), 1e-5)
-    if ctx.cp > 1:
-        for param in model.parameters():
-            dist.all_reduce(param.grad, group=ctx.cp_group)
-    grads = to_reference_state_dict(model, grads=True)
-    for name, param in ref.named_parameters():
-        check_close(f"recompute + chunked loss: grad {name}", grads[name], param.grad, 1e-4)
+    check_loss_and_grads(model, ref, batch, ctx, "sparse", "recompute + chunked loss:")
     apply_recompute(model, "none")
     model.loss_chunk_tokens = 0
 
@@ -177,25 +178,8 @@ def run_context_parallel(layout: str, ctx: ParallelContext) -> None:
             model = build_model(cfg.model, ctx, seed=SEED)
             for mode in ("sparse", "dense"):
                 what = f"{name} {order} {mode}"
-                logits = model(batch["input_ids"], attention_mode=mode).detach()
-                pieces = [torch.empty_like(logits) for _ in range(ctx.tp)]
-                dist.all_gather(pieces, logits.contiguous(), group=ctx.tp_group)
-                ref_logits = ref(batch["input_ids"], attention_mode=mode).logits
-                check_close(f"{what} logits", gather_sequence(torch.cat(pieces, -1), ctx, order), ref_logits, 1e-5)
-
-                model.zero_grad()
-                ref.zero_grad()
-                loss = model(batch["input_ids"], batch["labels"], attention_mode=mode)
-                loss.backward()
-                ref_loss = F.cross_entropy(ref(batch["input_ids"], attention_mode=mode).logits.flatten(0, 1),
-                                           batch["labels"].flatten(), ignore_index=-100)
-                ref_loss.backward()
-                check_close(f"{what} loss", loss.detach(), ref_loss.detach(), 1e-5)
-                for param in model.parameters():
-                    dist.all_reduce(param.grad, group=ctx.cp_group)
-                grads = to_reference_state_dict(model, grads=True)
-                for pname, param in ref.named_parameters():
-                    check_close(f"{what} grad {pname}", grads[pname], param.grad, 1e-4)
+                check_logits(model, ref, batch, ctx, mode, what, order)
+                check_loss_and_grads(model, ref, batch, ctx, mode, what)
             if name == "D4-W5-P2":  # the recomputed core re-enters the CP collectives in backward
                 check_speed_settings(model, ref, batch, ctx)
 
