@@ -158,22 +158,48 @@ def recurrence(g: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunks: Sequen
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _GatherPlan:
+    """How a rank shares and reads the keys later chunks may see, for one chunk layout, set of head patterns and
+    device: built on the host once and cached, so the forward asks the device nothing to lay out its gather."""
+
+    width: int
+    """Shared keys per chunk in the all-gather (every chunk padded to the widest)."""
+    local_index: tuple[torch.Tensor, ...]
+    """Per local chunk: where its shared keys lie in this rank's local sequence."""
+    sources: tuple[tuple[int, int, int], ...]
+    """Per chunk in sequence order: the rank holding it, its local index there, and how many keys it shares."""
+    before: tuple[int, ...]
+    """Per local chunk: how many shared keys the chunks before it hold."""
+    key_positions: tuple[torch.Tensor, ...]
+    """Per local chunk: the global positions of the keys it attends to (earlier shared keys, then its own)."""
+
+
 @functools.lru_cache(maxsize=64)
-def _shared_positions(length: int, count: int, patterns: tuple) -> tuple[torch.Tensor, ...]:
-    """For each of ``count`` chunks of ``length`` tokens, the positions (CPU, ascending) a query of a later chunk
-    may attend to under any of the head ``patterns``: sinks, grid keys, the last W. Host-side and cached: the
-    forward asks the device nothing to lay out its gather."""
-    out = []
-    for c in range(count):
-        start, stop = c * length, (c + 1) * length
+def _gather_plan(chunks: SequenceChunks, patterns: tuple, device: torch.device) -> _GatherPlan:
+    """A chunk shares the positions a query of a later chunk may attend to under any of ``patterns``: its sinks,
+    its grid keys, its last W."""
+    shared = []
+    for c in range(chunks.count):
+        start, stop = c * chunks.length, (c + 1) * chunks.length
         p = torch.arange(start, stop)
-        shared = torch.zeros_like(p, dtype=torch.bool)
+        keep = torch.zeros_like(p, dtype=torch.bool)
         for dilation, window, sinks in {pattern[:3] for pattern in patterns}:
-            shared |= (p < sinks) | (p >= stop - window)
+            keep |= (p < sinks) | (p >= stop - window)
             if dilation != -1:
-                shared |= (p + 1) % dilation == 0
-        out.append(p[shared])
-    return tuple(out)
+                keep |= (p + 1) % dilation == 0
+        shared.append(p[keep])
+    holder = {c: (r, i) for r in range(chunks.cp) for i, c in enumerate(chunks.chunk_ids(r))}
+    mine = chunks.chunk_ids()
+    before = tuple(sum(len(pos) for pos in shared[:c]) for c in mine)
+    early = torch.cat(shared)
+    return _GatherPlan(
+        width=max(len(pos) for pos in shared),
+        local_index=tuple((shared[c] - c * chunks.length + i * chunks.length).to(device) for i, c in enumerate(mine)),
+        sources=tuple((*holder[c], len(pos)) for c, pos in enumerate(shared)),
+        before=before,
+        key_positions=tuple(torch.cat([early[:n], torch.arange(a, b)]).to(device)
+                            for n, (a, b) in zip(before, chunks.spans)))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, chunks: SequenceChunks, group):
@@ -183,27 +209,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, chunks
     if any(topk_of(p) for p in patterns):
         raise ValueError("top-k block attention runs on whole sequences (inference and adaptation without "
                          "context parallelism)")
-    shared = _shared_positions(chunks.length, chunks.count, tuple(sorted(set(patterns))))
-    width = max(len(pos) for pos in shared)  # every rank pads its chunks' shared keys to it for the all-gather
-    mine = []
-    for i, c in enumerate(chunks.chunk_ids()):
-        index = (shared[c] - c * chunks.length + i * chunks.length).to(k.device, non_blocking=True)
-        kv = torch.stack([k[..., index, :], v[..., index, :]])  # (2, B, H, n, K)
-        mine.append(F.pad(kv, (0, 0, 0, width - len(index))))
+    plan = _gather_plan(chunks, tuple(sorted(set(patterns))), q.device)
+    mine = [F.pad(torch.stack([k[..., index, :], v[..., index, :]]), (0, 0, 0, plan.width - len(index)))
+            for index in plan.local_index]  # each (2, B, H, width, K)
     gathered = all_gather(torch.stack(mine), group)  # (cp, chunks per rank, 2, B, H, width, K)
-    holder = {c: (r, i) for r in range(chunks.cp) for i, c in enumerate(chunks.chunk_ids(r))}
     # Every chunk's shared keys in sequence order; a chunk attends to those of the chunks before it.
-    early_kv = torch.cat([gathered[holder[c]][..., :len(shared[c]), :] for c in range(chunks.count)], dim=-2)
-    early_pos = torch.cat(shared).to(q.device, non_blocking=True)
+    early_kv = torch.cat([gathered[rank, i][..., :n, :] for rank, i, n in plan.sources], dim=-2)
     outs = []
-    for i, c in enumerate(chunks.chunk_ids()):
-        start, stop = chunks.spans[i]
+    for i, (before, positions) in enumerate(zip(plan.before, plan.key_positions)):
         part = slice(i * chunks.length, (i + 1) * chunks.length)
-        before = sum(len(pos) for pos in shared[:c])
         keys = torch.cat([early_kv[0, ..., :before, :], k[..., part, :]], dim=-2)
         values = torch.cat([early_kv[1, ..., :before, :], v[..., part, :]], dim=-2)
-        positions = torch.cat([early_pos[:before], torch.arange(start, stop, device=q.device)])
-        outs.append(ops.attention(q[..., part, :], keys, values, pattern, q_offset=start, k_positions=positions))
+        outs.append(ops.attention(q[..., part, :], keys, values, pattern, q_offset=chunks.spans[i][0],
+                                  k_positions=positions))
     return torch.cat(outs, dim=-2)
 
 
