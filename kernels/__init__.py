@@ -5,6 +5,6 @@ functions of ``ratplus_mega/hf/modeling_ratplus.py`` when one is absent or the t
 """
 
 from .scan import gated_scan, gated_scan_kv
-from .sparse_attn import sparse_attention
+from .sparse_attn import block_attention, sparse_attention
 
-__all__ = ["gated_scan", "gated_scan_kv", "sparse_attention"]
+__all__ = ["block_attention", "gated_scan", "gated_scan_kv", "sparse_attention"]

@@ -1,3 +1,3 @@
-from .op import sparse_attention
+from .op import block_attention, sparse_attention
 
-__all__ = ["sparse_attention"]
+__all__ = ["block_attention", "sparse_attention"]

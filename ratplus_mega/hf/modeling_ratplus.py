@@ -292,27 +292,35 @@ def block_summaries(k: torch.Tensor, block_size: int, score: str) -> torch.Tenso
     return pooled.to(k.dtype)
 
 
-def select_blocks(q: torch.Tensor, summaries: torch.Tensor, q_positions: torch.Tensor, pattern: Pattern):
-    """Top-k block selection (spec §4.5): for queries q (B, H, n, K) at ``q_positions`` (n,), a boolean
-    (B, H, n, nb + 1) telling which of the blocks 0 .. nb each query sees (nb = summaries.shape[-2]): the first
-    block, the query's own block, and the K - 2 blocks among 1 .. own - 1 whose summary has the largest dot
-    product with the query (fewer if fewer precede). Ties go to the lower block index."""
+def select_block_ids(q: torch.Tensor, summaries: torch.Tensor, q_positions: torch.Tensor, pattern: Pattern):
+    """Top-k block selection (spec §4.5): for queries q (B, H, n, K) at ``q_positions`` (n,), the (B, H, n, K)
+    blocks each query sees among 0 .. nb (nb = summaries.shape[-2] complete blocks): the first block, the
+    query's own block, and the K - 2 blocks among 1 .. own - 1 whose summary has the largest dot product with the
+    query (fewer if fewer precede; the unused entries repeat the own block). Ties go to the lower block index."""
     k_blocks, block_size, _ = topk_of(pattern)
     nb = summaries.shape[-2]
-    own = q_positions // block_size  # (n,)
-    block = torch.arange(nb + 1, device=q.device)
-    chosen = (block == 0) | (block[None, :] == own[:, None])  # (n, nb + 1)
-    chosen = chosen.expand(*q.shape[:2], *chosen.shape).clone()
+    own = (q_positions // block_size).expand(*q.shape[:2], -1)  # (B, H, n)
+    ids = [torch.zeros_like(own), own]
     picks = min(k_blocks - 2, max(nb - 1, 0))
     if picks > 0:
+        block = torch.arange(nb, device=q.device)
         scores = torch.matmul(q.float(), summaries.float().transpose(-1, -2))  # (B, H, n, nb)
-        candidate = (block[None, :nb] >= 1) & (block[None, :nb] < own[:, None])
+        candidate = (block >= 1) & (block < own[..., None])
         scores = scores.masked_fill(~candidate, float("-inf"))
         # Stable order: highest score first, the lower block on ties (sort is stable; topk need not be).
         top = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :picks]
-        valid = torch.gather(candidate.expand_as(scores), -1, top)
-        chosen.scatter_(-1, top, valid | torch.gather(chosen, -1, top))
-    return chosen
+        ids.append(torch.where(torch.gather(candidate, -1, top), top, own[..., None]))
+    ids = torch.cat([ids[0][..., None], ids[1][..., None], *ids[2:]], dim=-1)
+    if ids.shape[-1] < k_blocks:
+        ids = torch.cat([ids, own[..., None].expand(*own.shape, k_blocks - ids.shape[-1])], dim=-1)
+    return ids
+
+
+def select_blocks(q: torch.Tensor, summaries: torch.Tensor, q_positions: torch.Tensor, pattern: Pattern):
+    """``select_block_ids`` as a boolean (B, H, n, nb + 1): which of the blocks 0 .. nb each query sees."""
+    ids = select_block_ids(q, summaries, q_positions, pattern)
+    chosen = torch.zeros(*ids.shape[:-1], summaries.shape[-2] + 1, dtype=torch.bool, device=q.device)
+    return chosen.scatter_(-1, ids, True)
 
 
 def base_allowed(q_positions: torch.Tensor, k_positions: torch.Tensor, pattern: Pattern) -> torch.Tensor:
@@ -332,6 +340,10 @@ def topk_attention(q, k, v, pattern: Pattern, scale: float | None = None, *, q_o
     (``select_blocks``) that precede it, in one softmax. Blocks are scored with summaries of complete blocks
     only, so a query never selects by keys after it. Memory per block of queries: block_queries x Tk."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    block_attention = _fused("block_attention", q)
+    if block_attention is not None:
+        return topk_attention_fused(q, k, v, pattern, scale, q_offset=q_offset, return_lse=return_lse,
+                                    kernels=(_fused("sparse_attention", q), block_attention))
     block_size = topk_of(pattern)[1]
     tk = k.shape[-2]
     summaries = block_summaries(k, block_size, topk_of(pattern)[2])
@@ -351,6 +363,31 @@ def topk_attention(q, k, v, pattern: Pattern, scale: float | None = None, *, q_o
         lses.append(lse)
     out = torch.cat(outs, dim=-2).to(q.dtype)
     return (out, torch.cat(lses, dim=-1)) if return_lse else out
+
+
+def topk_attention_fused(q, k, v, pattern: Pattern, scale: float, *, q_offset: int = 0, return_lse: bool = False,
+                         kernels, select_queries: int = 1024):
+    """``topk_attention`` through the fused kernels ``kernels = (sparse_attention, block_attention)``: the
+    (D, W, P) keys in one call, the selected blocks' other keys in another, merged by their LSEs. The selection
+    (``select_block_ids``) runs in torch, ``select_queries`` queries at a time (its scores take
+    select_queries x Tk / S floats per head)."""
+    sparse_attention, block_attention = kernels
+    dilation, window, sinks = pattern[:3]
+    blocks_k, block_size, score = topk_of(pattern)
+    summaries = block_summaries(k, block_size, score)
+    ids = torch.cat([select_block_ids(
+        q[..., start:start + select_queries, :], summaries,
+        torch.arange(q_offset + start, q_offset + min(start + select_queries, q.shape[-2]), device=q.device),
+        pattern) for start in range(0, q.shape[-2], select_queries)], dim=-2)
+    out_fixed, lse_fixed = sparse_attention(q, k, v, dilation, window, sinks, scale, q_offset=q_offset,
+                                            return_lse=True)
+    out_blocks, lse_blocks = block_attention(q, k, v, ids, block_size, dilation, window, sinks, scale,
+                                             q_offset=q_offset, return_lse=True)
+    # The (D, W, P) part always holds the query's own key, so lse_fixed and the merged LSE are finite.
+    lse = torch.logaddexp(lse_fixed, lse_blocks)
+    out = (out_fixed.float() * torch.exp(lse_fixed - lse)[..., None]
+           + out_blocks.float() * torch.exp(lse_blocks - lse)[..., None]).to(q.dtype)
+    return (out, lse) if return_lse else out
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ratplus_mega.hf.modeling_ratplus import attention, topk_attention
+from ratplus_mega.hf.modeling_ratplus import attention, topk_attention, topk_attention_fused
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -52,6 +52,34 @@ def test_topk_attention_matches_oracle_selection_and_mask(assert_close, oracle, 
     ref_grads = torch.autograd.grad((ref * dout.double()).sum(), (ref_q, ref_k, ref_v))
     for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert_close(name, got, want, FP32_GRADS)
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+def test_fused_topk_attention_matches_oracle(assert_close, oracle, kernels, device, case):
+    """The fused route (the (D, W, P) kernel plus the selected-blocks kernel, merged by LSE; the Triton
+    interpreter on CPU) against the same oracle; selection in chunks of 16 queries."""
+    t, pattern = ATTENTION_CASES[case]
+    q, k, v = (x.to(device).requires_grad_() for x in qkv(t, seed=t))
+    ref_q, ref_k, ref_v = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
+    ref = oracle.attention(ref_q, ref_k, ref_v, pattern)
+    out = topk_attention_fused(q, k, v, pattern, 8 ** -0.5, kernels=(kernels.sparse_attention,
+                                                                     kernels.block_attention), select_queries=16)
+    assert_close("out", out, ref, FP32_VALUES)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad((out * dout.to(device)).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * dout.double()).sum(), (ref_q, ref_k, ref_v))
+    for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_close(name, got, want, FP32_GRADS)
+
+
+def test_fused_topk_attention_of_a_later_chunk(assert_close, oracle, kernels, device):
+    _, pattern = ATTENTION_CASES["K4-S4-W2-P1"]
+    g = torch.Generator().manual_seed(9)
+    q, k, v = torch.randn(1, 2, 7, 8, generator=g), torch.randn(1, 2, 33, 8, generator=g), torch.randn(1, 2, 33, 8,
+                                                                                                   generator=g)
+    out = topk_attention_fused(*(x.to(device) for x in (q, k, v)), pattern, 8 ** -0.5, q_offset=26,
+                               kernels=(kernels.sparse_attention, kernels.block_attention))
+    assert_close("out", out, oracle.attention(q, k, v, pattern, q_offset=26), FP32_VALUES)
 
 
 def test_selection_matters(oracle):

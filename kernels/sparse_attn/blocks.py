@@ -1,0 +1,292 @@
+"""Attention over per-query lists of key blocks: the selected part of top-k block attention (docs/spec.md §4.5).
+
+Keys fall into blocks of S positions (block n holds keys n·S .. n·S + S - 1). Each query lists the blocks it
+selected; it sees the keys of those blocks that precede it (k <= q) and that its (D, W, P) rule does *not*
+already give it, so this part and the (D, W, P) attention of ``fwd.py`` cover disjoint key sets and merge
+exactly by their LSEs. A row that sees no key here gets a zero output and an LSE of -inf.
+
+Work is planned per tile of BLOCK_M queries (``plan_block_tiles``): the union of the blocks its queries list,
+and for each block the query tiles that list it. The forward and the dq kernel walk a query tile's union; the
+dk/dv kernel owns BLOCK_N keys of one block and walks that block's query tiles, so every output element is
+written by one program (no atomics). Inside a tile, each query's own list decides, element by element.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .bwd import attn_bwd_preprocess_kernel
+from .fwd import INTERPRET, LOG2E, allowed_mask, dot_precision, load_rows
+
+
+@dataclass(frozen=True)
+class BlockTiles:
+    """Device tensors (int32) of one call's work lists, for tiles of ``block_m`` queries and ``n_blocks`` key
+    blocks. Entries past a count are padding and never read."""
+
+    block_m: int
+    n_blocks: int
+    tile_blocks: torch.Tensor  # (B, H, n_tiles, n_blocks): the blocks some query of the tile lists, ascending
+    tile_count: torch.Tensor  # (B, H, n_tiles)
+    block_tiles: torch.Tensor  # (B, H, n_blocks, n_tiles): the query tiles that list the block, ascending
+    block_count: torch.Tensor  # (B, H, n_blocks)
+
+
+def _compact(member: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the True entries of ``member`` (..., n), ascending and first, and how many there are."""
+    order = torch.sort((~member).to(torch.uint8), dim=-1, stable=True).indices
+    return order.to(torch.int32).contiguous(), member.sum(-1, dtype=torch.int32).contiguous()
+
+
+def plan_block_tiles(block_ids: torch.Tensor, n_blocks: int, block_m: int) -> BlockTiles:
+    """Work lists for ``block_ids`` (B, H, Tq, n) int, every entry in 0 .. n_blocks - 1 (no host sync)."""
+    B, H, Tq, n = block_ids.shape
+    n_tiles = triton.cdiv(Tq, block_m)
+    # Rows past Tq list the extra column n_blocks, which is dropped.
+    ids = F.pad(block_ids.long(), (0, 0, 0, n_tiles * block_m - Tq), value=n_blocks)
+    ids = ids.reshape(B, H, n_tiles, block_m * n)
+    union = torch.zeros((B, H, n_tiles, n_blocks + 1), dtype=torch.bool, device=block_ids.device)
+    union = union.scatter_(-1, ids, True)[..., :n_blocks]
+    tile_blocks, tile_count = _compact(union)
+    block_tiles, block_count = _compact(union.transpose(-1, -2))
+    return BlockTiles(block_m, n_blocks, tile_blocks, tile_count, block_tiles, block_count)
+
+
+def tile_shape(dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, warps, stages). The work lists are built for one BLOCK_M on the host, so there is no
+    autotuning. fp32 (IEEE products) takes the spill-free tile of ``fwd.IEEE_CONFIG``; bf16 a FlashAttention-2
+    tile, not yet tuned on a GPU."""
+    if INTERPRET:
+        return 16, 16, 1, 1
+    if dtype == torch.float32:
+        return 16, 32, 8, 1
+    return 64, 64, 4, 2
+
+
+@triton.jit
+def _lists_block(b_sel, n):
+    """(BLOCK_M,) bool: which query rows list block n (``b_sel``: (BLOCK_M, BLOCK_SEL) ids, -1 padding)."""
+    return tl.max((b_sel == n).to(tl.int32), 1) > 0
+
+
+@triton.jit
+def _selected_pairs(b_qpos, b_kpos, D, W, P, HAS_GRID: tl.constexpr):
+    """Causal pairs the (D, W, P) rule leaves out, for query and key positions broadcast against each other."""
+    return (b_qpos >= b_kpos) & ~allowed_mask(b_qpos, b_kpos, D, W, P, HAS_GRID)
+
+
+@triton.jit
+def _load_lists(block_ids, i_bh, o_i, m_i, Tq, N_SEL, BLOCK_SEL: tl.constexpr):
+    o_s = tl.arange(0, BLOCK_SEL)
+    p = block_ids + i_bh * Tq * N_SEL + o_i[:, None].to(tl.int64) * N_SEL + o_s[None, :]
+    return tl.load(p, mask=m_i[:, None] & (o_s < N_SEL)[None, :], other=-1)
+
+
+@triton.jit
+def block_attn_fwd_kernel(
+    q, k, v, o, lse, block_ids, tile_blocks, tile_count,
+    Tq, Tk, H, n_tiles, n_blocks, N_SEL, q_offset, S, D, W, P, qk_scale,
+    stride_q_b, stride_q_h, stride_q_t, stride_k_b, stride_k_h, stride_k_t, stride_v_b, stride_v_h, stride_v_t,
+    HEAD_DIM,
+    HAS_GRID: tl.constexpr, BLOCK_SEL: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    i_m = tl.program_id(0)
+    i_h, i_b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    i_bh = i_b * H + i_h
+    o_i = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_i = o_i < Tq
+    o_qpos = q_offset + o_i
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < HEAD_DIM
+    p_k = k + i_b * stride_k_b + i_h * stride_k_h
+    p_v = v + i_b * stride_v_b + i_h * stride_v_h
+    b_q = load_rows(q + i_b * stride_q_b + i_h * stride_q_h, o_i, m_i, o_d, m_d, stride_q_t, INTERPRET)
+    b_sel = _load_lists(block_ids, i_bh, o_i, m_i, Tq, N_SEL, BLOCK_SEL)
+
+    b_m = tl.full([BLOCK_M], -1e30, dtype=tl.float32)
+    b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    p_list = tile_blocks + (i_bh * n_tiles + i_m) * n_blocks
+    for t in range(0, tl.load(tile_count + i_bh * n_tiles + i_m)):
+        n = tl.load(p_list + t)
+        m_rows = _lists_block(b_sel, n) & m_i
+        k_end = tl.minimum(n * S + S, Tk)
+        for n0 in range(n * S, k_end, BLOCK_N):
+            o_n = n0 + tl.arange(0, BLOCK_N)
+            m_n = o_n < k_end
+            b_k = load_rows(p_k, o_n, m_n, o_d, m_d, stride_k_t, INTERPRET)
+            b_v = load_rows(p_v, o_n, m_n, o_d, m_d, stride_v_t, INTERPRET)
+            m_s = _selected_pairs(o_qpos[:, None], o_n[None, :], D, W, P, HAS_GRID) & m_rows[:, None] & m_n[None, :]
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
+            b_s = tl.where(m_s, b_s, float("-inf"))
+            b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+            b_p = tl.exp2(b_s - b_m_new[:, None])
+            b_alpha = tl.exp2(b_m - b_m_new)
+            b_l = b_l * b_alpha + tl.sum(b_p, 1)
+            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
+            b_m = b_m_new
+
+    m_any = b_l > 0
+    b_o = b_acc / tl.where(m_any, b_l, 1.0)[:, None]
+    p_o = o + i_bh * Tq * HEAD_DIM + o_i[:, None] * HEAD_DIM + o_d[None, :]
+    tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=m_i[:, None] & m_d[None, :])
+    b_lse = tl.where(m_any, (b_m + tl.log2(tl.where(m_any, b_l, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(lse + i_bh * Tq + o_i, b_lse, mask=m_i)
+
+
+@triton.jit
+def block_attn_bwd_dq_kernel(
+    q, k, v, do, lse, delta, dq, block_ids, tile_blocks, tile_count,
+    Tq, Tk, H, n_tiles, n_blocks, N_SEL, q_offset, S, D, W, P, sm_scale, qk_scale,
+    stride_k_b, stride_k_h, stride_k_t, stride_v_b, stride_v_h, stride_v_t,
+    HEAD_DIM,
+    HAS_GRID: tl.constexpr, BLOCK_SEL: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    i_m = tl.program_id(0)
+    i_h, i_b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    i_bh = i_b * H + i_h
+    o_i = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_i = o_i < Tq
+    o_qpos = q_offset + o_i
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < HEAD_DIM
+    b_q = load_rows(q + i_bh * Tq * HEAD_DIM, o_i, m_i, o_d, m_d, HEAD_DIM, INTERPRET)
+    b_do = load_rows(do + i_bh * Tq * HEAD_DIM, o_i, m_i, o_d, m_d, HEAD_DIM, INTERPRET)
+    b_lse = tl.load(lse + i_bh * Tq + o_i, mask=m_i, other=0) * 1.4426950408889634
+    b_delta = tl.load(delta + i_bh * Tq + o_i, mask=m_i, other=0)
+    b_sel = _load_lists(block_ids, i_bh, o_i, m_i, Tq, N_SEL, BLOCK_SEL)
+    p_k = k + i_b * stride_k_b + i_h * stride_k_h
+    p_v = v + i_b * stride_v_b + i_h * stride_v_h
+    b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    p_list = tile_blocks + (i_bh * n_tiles + i_m) * n_blocks
+    for t in range(0, tl.load(tile_count + i_bh * n_tiles + i_m)):
+        n = tl.load(p_list + t)
+        m_rows = _lists_block(b_sel, n) & m_i
+        k_end = tl.minimum(n * S + S, Tk)
+        for n0 in range(n * S, k_end, BLOCK_N):
+            o_n = n0 + tl.arange(0, BLOCK_N)
+            m_n = o_n < k_end
+            b_k = load_rows(p_k, o_n, m_n, o_d, m_d, stride_k_t, INTERPRET)
+            b_v = load_rows(p_v, o_n, m_n, o_d, m_d, stride_v_t, INTERPRET)
+            m_s = _selected_pairs(o_qpos[:, None], o_n[None, :], D, W, P, HAS_GRID) & m_rows[:, None] & m_n[None, :]
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
+            b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
+            b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
+            b_ds = b_p * (b_dp - b_delta[:, None])
+            b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
+    p_dq = dq + i_bh * Tq * HEAD_DIM + o_i[:, None] * HEAD_DIM + o_d[None, :]
+    tl.store(p_dq, (b_dq * sm_scale).to(p_dq.dtype.element_ty), mask=m_i[:, None] & m_d[None, :])
+
+
+@triton.jit
+def block_attn_bwd_dkdv_kernel(
+    q, k, v, do, lse, delta, dk, dv, block_ids, block_tiles, block_count,
+    Tq, Tk, H, n_tiles, n_blocks, n_sub, N_SEL, q_offset, S, D, W, P, sm_scale, qk_scale,
+    stride_k_b, stride_k_h, stride_k_t, stride_v_b, stride_v_h, stride_v_t,
+    HEAD_DIM,
+    HAS_GRID: tl.constexpr, BLOCK_SEL: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # A program owns keys n·S + j·BLOCK_N .. of block n (sub-tile j of n_sub), so each key has one owner.
+    n = tl.program_id(0) // n_sub
+    j = tl.program_id(0) % n_sub
+    i_h, i_b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    i_bh = i_b * H + i_h
+    o_r = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_k = n * S + o_r
+    m_k = (o_r < S) & (o_k < Tk)
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < HEAD_DIM
+    b_k = load_rows(k + i_b * stride_k_b + i_h * stride_k_h, o_k, m_k, o_d, m_d, stride_k_t, INTERPRET)
+    b_v = load_rows(v + i_b * stride_v_b + i_h * stride_v_h, o_k, m_k, o_d, m_d, stride_v_t, INTERPRET)
+    b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    p_q = q + i_bh * Tq * HEAD_DIM
+    p_do = do + i_bh * Tq * HEAD_DIM
+    p_list = block_tiles + (i_bh * n_blocks + n) * n_tiles
+    for t in range(0, tl.load(block_count + i_bh * n_blocks + n)):
+        o_i = tl.load(p_list + t) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_i = o_i < Tq
+        b_q = load_rows(p_q, o_i, m_i, o_d, m_d, HEAD_DIM, INTERPRET)
+        b_do = load_rows(p_do, o_i, m_i, o_d, m_d, HEAD_DIM, INTERPRET)
+        b_lse = tl.load(lse + i_bh * Tq + o_i, mask=m_i, other=0) * 1.4426950408889634
+        b_delta = tl.load(delta + i_bh * Tq + o_i, mask=m_i, other=0)
+        m_rows = _lists_block(_load_lists(block_ids, i_bh, o_i, m_i, Tq, N_SEL, BLOCK_SEL), n) & m_i
+        # Transposed scores: keys × queries.
+        m_st = _selected_pairs((q_offset + o_i)[None, :], o_k[:, None], D, W, P, HAS_GRID) & m_k[:, None] \
+            & m_rows[None, :]
+        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * qk_scale
+        b_pt = tl.where(m_st, tl.exp2(b_st - b_lse[None, :]), 0.0)
+        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
+        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)
+        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PRECISION)
+    p_out = i_bh * Tk * HEAD_DIM + o_k[:, None] * HEAD_DIM + o_d[None, :]
+    m_out = m_k[:, None] & m_d[None, :]
+    tl.store(dk + p_out, (b_dk * sm_scale).to(dk.dtype.element_ty), mask=m_out)
+    tl.store(dv + p_out, b_dv.to(dv.dtype.element_ty), mask=m_out)
+
+
+def _launch_args(q, block_ids, tiles: BlockTiles, pattern):
+    """(grid-independent sizes, constexprs) shared by the three kernels."""
+    B, H, Tq, K = q.shape
+    n_tiles = triton.cdiv(Tq, tiles.block_m)
+    block_m, block_n, warps, stages = tile_shape(q.dtype)
+    sizes = (H, n_tiles, tiles.n_blocks)
+    meta = dict(HAS_GRID=pattern.dilation > 0, BLOCK_SEL=max(2, triton.next_power_of_2(block_ids.shape[-1])),
+                BLOCK_D=max(16, triton.next_power_of_2(K)), PRECISION=dot_precision(q.dtype), INTERPRET=INTERPRET,
+                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    return sizes, meta
+
+
+def block_attention_fwd(q, k, v, block_ids, block_size: int, tiles: BlockTiles, pattern):
+    """Output (B, H, Tq, K) in q's dtype and the natural-log LSE (B, H, Tq) fp32 (-inf for rows with no key)."""
+    B, H, Tq, K = q.shape
+    Tk = k.shape[2]
+    out = torch.empty((B, H, Tq, K), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    (H, n_tiles, n_blocks), meta = _launch_args(q, block_ids, tiles, pattern)
+    block_attn_fwd_kernel[(n_tiles, H, B)](
+        q, k, v, out, lse, block_ids, tiles.tile_blocks, tiles.tile_count,
+        Tq, Tk, H, n_tiles, n_blocks, block_ids.shape[-1], pattern.q_offset, block_size, max(pattern.dilation, 1),
+        pattern.window, pattern.sinks, pattern.scale * LOG2E,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], K, **meta,
+    )
+    return out, lse
+
+
+def block_attention_bwd(q, k, v, out, lse, grad_out, grad_lse, block_ids, block_size: int, tiles: BlockTiles,
+                        pattern):
+    """dq, dk, dv in the input dtype (FA2 recomputation from the saved LSE)."""
+    B, H, Tq, K = q.shape
+    Tk = k.shape[2]
+    q, grad_out = q.contiguous(), grad_out.contiguous()
+    (H, n_tiles, n_blocks), meta = _launch_args(q, block_ids, tiles, pattern)
+    delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    attn_bwd_preprocess_kernel[(triton.cdiv(Tq, 16), H, B)](
+        out, grad_out, grad_lse.contiguous() if grad_lse is not None else lse, delta, Tq, K,
+        USE_DLSE=grad_lse is not None, BLOCK_D=meta["BLOCK_D"], BLOCK_M=16,
+    )
+    common = (Tq, Tk, H, n_tiles, n_blocks)
+    pattern_args = (block_ids.shape[-1], pattern.q_offset, block_size, max(pattern.dilation, 1), pattern.window,
+                    pattern.sinks, pattern.scale, pattern.scale * LOG2E, *k.stride()[:3], *v.stride()[:3], K)
+    dq = torch.empty((B, H, Tq, K), dtype=q.dtype, device=q.device)
+    block_attn_bwd_dq_kernel[(n_tiles, H, B)](
+        q, k, v, grad_out, lse, delta, dq, block_ids, tiles.tile_blocks, tiles.tile_count,
+        *common, *pattern_args, **meta,
+    )
+    dk = torch.empty((B, H, Tk, K), dtype=k.dtype, device=k.device)
+    dv = torch.empty((B, H, Tk, K), dtype=v.dtype, device=v.device)
+    n_sub = triton.cdiv(block_size, meta["BLOCK_N"])
+    block_attn_bwd_dkdv_kernel[(n_blocks * n_sub, H, B)](
+        q, k, v, grad_out, lse, delta, dk, dv, block_ids, tiles.block_tiles, tiles.block_count,
+        *common, n_sub, *pattern_args, **meta,
+    )
+    return dq, dk, dv
