@@ -4,8 +4,9 @@ corpus (synthetic associative recall, or the user's files) → sentencepiece tok
 pretraining runs of the same width, depth, tokens and schedule on two ranks (ZeRO-2; the GPUs when present):
 RAT+ with joint training (a sparse step, then a dense step, per batch) and the attention baseline
 (``apply_recurrence: false``, dense steps) → the same short adaptation of each to the inference pattern →
-HF exports → validation loss (from each run's metrics.jsonl) and recall accuracy per model, phase and pattern:
-a table, ``results.json`` and pictures → a sample decoded with the compressed sparse cache.
+HF exports → validation loss (from each run's metrics.jsonl) and recall accuracy per model, phase and pattern
+(dense, the inference pattern, and a top-k block pattern of about the same key budget switched on at inference
+only): a table, ``results.json`` and pictures → a sample decoded with the compressed sparse cache.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..config.schema import pattern_name
+from ..config.schema import pattern_fields, pattern_name
 from ..errors import RatplusError
 
 MODELS = {
@@ -52,6 +53,10 @@ class QuickstartOptions:
     adapt_lr: float = 1e-3
     pattern: tuple[int, int, int] = (8, 16, 4)
     """The inference pattern (D, W, P) both models are evaluated under and adapted to."""
+    topk: tuple = (-1, 0, 0, 4, 8, "max")
+    """A top-k block head pattern (D, W, P, K, S, score) both models are also evaluated under, at inference only
+    (no training for it). Budget at seq_len 128: 4 blocks of 8 = at most 32 keys per query (25.5 on average over
+    the positions) against D8-W16-P4's 17 window + 4 sinks + 13 grid = 34 (25.0 on average)."""
     model_overrides: list[str] = field(default_factory=list)
     """``model.key=value`` overrides of the preset, the same for both models (after ``TINY_HEADS``)."""
     facts: int = 4
@@ -75,13 +80,16 @@ def run_quickstart(opts: QuickstartOptions) -> list[dict]:
     tokenizer, shards, vocab_size = _data(opts, out, layout)
     d, w, p = opts.pattern
     sparse = pattern_name([opts.pattern])
+    topk = pattern_name([opts.topk])
+    eval_patterns = ", ".join("{" + ", ".join(f"{k}: {v}" for k, v in pattern_fields(pattern).items()) + "}"
+                              for pattern in (opts.pattern, opts.topk))
     tokens_per_step = opts.batch_size * opts.seq_len
     common = [f"model.preset={opts.preset}", f"model.seq_len={opts.seq_len}", f"model.vocab_size={vocab_size}",
               *(TINY_HEADS if opts.preset == "tiny" else []), *opts.model_overrides, f"data.train=[{shards}/train]",
               f"data.val={shards}/val", f"data.tokenizer={tokenizer}", "train.eval_tokens=32768",
               "train.log_interval=10",
               f"train.global_batch_size={opts.batch_size}", f"train.micro_batch_size={_micro_batch(opts)}",
-              f"train.eval_patterns=[{{dilation: {d}, window: {w}, sinks: {p}}}]"]
+              f"train.eval_patterns=[{eval_patterns}]"]
     runs: dict[tuple[str, str], Path] = {}
     for model, overrides in MODELS.items():
         runs[model, "pretrained"] = _train(out / model / "pretrain", common + overrides + [
@@ -102,13 +110,17 @@ def run_quickstart(opts: QuickstartOptions) -> list[dict]:
                                          dtype=torch.float32, overwrite=True) for (model, phase), run in runs.items()}
     rows = _measure(runs, folders, opts, layout)
     (out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
-    pictures = _pictures(runs, rows, out, sparse)
+    pictures = _pictures(runs, rows, out, sparse, topk)
     print("\n" + format_table(rows))
     print(_verdict(rows, sparse))
+    if not opts.inputs:
+        print(_topk_line(rows, topk))
     _say(f"results: {out / 'results.json'}; pictures: {', '.join(str(p) for p in pictures)}")
     _sample(folders["ratplus", "adapted"], layout, opts)
+    spelled = f",{':'.join(str(v) for v in opts.topk[:5])}" if opts.topk[5:] in ((), ("max",)) else ""
     _say(f"all stages: {time.perf_counter() - start:.0f} s. Evaluate a folder further with: ratplus eval --model "
-         f"{folders['ratplus', 'adapted']} --patterns dense,{d}:{w}:{p} --tasks ppl,recall,niah --val {shards}/val")
+         f"{folders['ratplus', 'adapted']} --patterns dense,{d}:{w}:{p}{spelled} --tasks ppl,recall,niah "
+         f"--val {shards}/val")
     return rows
 
 
@@ -212,7 +224,7 @@ def _measure(runs: dict, folders: dict, opts: QuickstartOptions, layout) -> list
     for (model, phase), run in runs.items():
         val = (read_metrics(run, "val") or [{}])[-1]
         with open_model(folders[model, phase]) as loaded:
-            for pattern in (DENSE, opts.pattern):
+            for pattern in (DENSE, opts.pattern, opts.topk):
                 name = loaded.set_pattern(pattern)
                 recall = None if opts.inputs else recall_accuracy(loaded, recall_opts)["recall"]
                 rows.append({"model": model, "phase": phase, "pattern": name,
@@ -221,11 +233,11 @@ def _measure(runs: dict, folders: dict, opts: QuickstartOptions, layout) -> list
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'model':<11}{'phase':<12}{'pattern':<13}{'val loss':>10}{'recall':>9}"]
+    lines = [f"{'model':<11}{'phase':<12}{'pattern':<18}{'val loss':>10}{'recall':>9}"]
     for r in rows:
         loss = "-" if r["val_loss"] is None else f"{r['val_loss']:.4f}"
         recall = "-" if r["recall"] is None else f"{r['recall']:.1%}"
-        lines.append(f"{r['model']:<11}{r['phase']:<12}{r['pattern']:<13}{loss:>10}{recall:>9}")
+        lines.append(f"{r['model']:<11}{r['phase']:<12}{r['pattern']:<18}{loss:>10}{recall:>9}")
     lines.append("val loss: token-mean cross-entropy on the held-out split (every token, from metrics.jsonl); recall: "
                  "share of answers to queries of facts at least 16 tokens back predicted exactly (fresh samples)")
     return "\n".join(lines)
@@ -268,7 +280,14 @@ def _verdict(rows: list[dict], sparse: str) -> str:
     return "\n".join(lines)
 
 
-def _pictures(runs: dict, rows: list[dict], out: Path, sparse: str) -> list[Path]:
+def _topk_line(rows: list[dict], topk: str) -> str:
+    """Top-k recall of both models after the adaptation, reported beside the checks (not one of them)."""
+    got = {r["model"]: r["recall"] for r in rows if (r["phase"], r["pattern"]) == ("adapted", topk)}
+    return (f"Top-k block attention {topk} at inference (same key budget, not trained for), recall after the "
+            f"adaptation: RAT+ {got['ratplus']:.1%}, attention {got['attention']:.1%}.")
+
+
+def _pictures(runs: dict, rows: list[dict], out: Path, sparse: str, topk: str) -> list[Path]:
     from ..evaluation.plots import loss_curves, recall_bars
     from ..train.metrics import read_metrics
 
@@ -277,7 +296,8 @@ def _pictures(runs: dict, rows: list[dict], out: Path, sparse: str) -> list[Path
         groups = {}
         for r in rows:
             groups.setdefault(f"{r['model']}\n{r['phase']}", {})[r["pattern"]] = r["recall"]
-        pictures.append(recall_bars(groups, out / "recall.png", title=f"associative recall: dense vs {sparse}"))
+        pictures.append(recall_bars(groups, out / "recall.png",
+                                    title=f"associative recall: dense vs {sparse} and {topk}"))
     curves = {}
     for model in MODELS:
         pre = read_metrics(runs[model, "pretrained"], "train")

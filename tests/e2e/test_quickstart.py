@@ -29,12 +29,13 @@ def test_quickstart_compares_ratplus_and_attention(tmp_path):
     rows = json.loads((out / "results.json").read_text())
     assert [(r["model"], r["phase"], r["pattern"]) for r in rows] == [
         (m, p, pattern) for p in ("pretrained", "adapted") for m in ("ratplus", "attention")
-        for pattern in ("dense", "D8-W16-P4")]
+        for pattern in ("dense", "D8-W16-P4", "D-1-W0-P0-top4x8")]
     for r in rows:
         assert set(r) == {"model", "phase", "pattern", "val_loss", "recall"}
         assert r["val_loss"] > 0 and 0.0 <= r["recall"] <= 1.0
     attention = json.loads((out / "attention" / "hf" / "config.json").read_text())
     assert attention["apply_recurrence"] is False
     table = proc.stdout[proc.stdout.index("model      phase"):]
-    assert len([line for line in table.splitlines() if line.startswith(("ratplus ", "attention "))]) == 8
+    assert len([line for line in table.splitlines() if line.startswith(("ratplus ", "attention "))]) == 12
+    assert "Top-k block attention D-1-W0-P0-top4x8 at inference" in table
     assert "sample from" in proc.stdout and "compressed sparse cache" in proc.stdout
