@@ -18,6 +18,10 @@ The last column checks the goals: the scan at >= 70 % of copy bandwidth; sparse 
 max(SDPA time × allowed pairs / dense pairs ÷ 0.6, 1.5 × its memory floor), the floor being one read or write of
 q, k, v, out and their gradients (12 bf16 tensors) at copy bandwidth, and faster than the flex two-call merge.
 
+Top-k block attention (bf16, the paper's K = 16 blocks of 64, and D = 64 with K = 8): the fused route (the
+(D, W, P) kernel and the selected-blocks kernel merged by LSE, selection in torch) beside the reference's masked
+torch path and SDPA dense causal. Its pairs depend on the selection, so it has no throughput or goal column.
+
 Every ratio is to a baseline timed in the same run. Prints one table plus device, versions and git commit.
 """
 
@@ -37,6 +41,9 @@ ATTENTION_EFFICIENCY = 0.6  # of dense SDPA's time per allowed pair
 FLOOR_SLACK = 1.5  # × the memory floor
 SHAPES = [(4, 4096), (16, 4096), (1, 16384), (4, 16384)]  # (batch, time): 16k-64k tokens per step
 PATTERNS = [(d, w, 4) for d in (1, 16, 64) for w in (0, 256)]
+# Top-k block attention (D, W, P, K, S, score): the paper's attention-baseline setting (K = 16 blocks of 64) and
+# its dilated variant (D = 64 grid keys plus K = 8 blocks).
+TOPK_PATTERNS = [(-1, 0, 4, 16, 64, "max"), (64, 0, 4, 8, 64, "max")]
 
 
 def git_commit() -> str:
@@ -243,6 +250,33 @@ def attention_rows(shapes, copy_bw, table) -> None:
         torch.cuda.empty_cache()
 
 
+def topk_rows(shapes, table) -> None:
+    import torch.nn.functional as F
+
+    from ratplus_mega import kernels
+    from ratplus_mega.hf.modeling_ratplus import topk_attention, topk_attention_fused
+
+    fused_kernels = (kernels.sparse_attention, kernels.block_attention)
+    for batch, time in shapes:
+        shape = (batch, HEADS, time, HEAD_DIM)
+        q, k, v = (torch.randn(shape, device=DEVICE, dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+        do = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16)
+        leaves = [q, k, v]
+        sdpa = time_ms(fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True), leaves,
+                               [do]), leaves)
+        for pattern in TOPK_PATTERNS:
+            d, w, p, blocks, size, _ = pattern
+            case = f"top-k B{batch}-T{time} D{d}-W{w}-P{p}-K{blocks}-S{size}"
+            fused = time_ms(fwd_bwd(lambda a, b, c: topk_attention_fused(a, b, c, pattern, kernels=fused_kernels),
+                                    leaves, [do]), leaves)
+            masked = time_ms(fwd_bwd(lambda a, b, c: topk_attention(a, b, c, pattern), leaves, [do]), leaves)
+            table.add([case, "triton top-k (two kernels, LSE merge)", _fmt(fused), _ratio(fused, sdpa),
+                       _ratio(fused, masked), "", ""])
+            table.add([case, "torch masked top-k (reference)", _fmt(masked), _ratio(masked, sdpa), "1.00", "", ""])
+        del q, k, v, do, leaves
+        torch.cuda.empty_cache()
+
+
 def _fmt(ms) -> str:
     return f"{ms:.3f}" if isinstance(ms, float) else ms
 
@@ -270,7 +304,7 @@ class Table:
     """Rows are printed as they are measured, so a run cut short still reports them; ``show`` prints them all
     again, aligned."""
 
-    HEADER = ["case", "implementation", "fwd+bwd ms", "× torch fallback / SDPA", "× compiled scan / flex",
+    HEADER = ["case", "implementation", "fwd+bwd ms", "× torch fallback / SDPA", "× compiled scan / flex / masked",
               "throughput", "goal"]
 
     def __init__(self) -> None:
@@ -294,6 +328,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="only the 16k-token shapes")
     parser.add_argument("--skip-scan", action="store_true")
     parser.add_argument("--skip-attention", action="store_true")
+    parser.add_argument("--skip-topk", action="store_true")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py times Triton kernels and needs a CUDA GPU; none is visible here. "
@@ -311,6 +346,8 @@ def main() -> None:
         scan_rows(shapes, copy_bw, table)
     if not args.skip_attention:
         attention_rows(shapes, copy_bw, table)
+    if not args.skip_topk:
+        topk_rows(shapes, table)
     table.show()
 
 

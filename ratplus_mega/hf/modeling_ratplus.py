@@ -259,7 +259,8 @@ def attention(q, k, v, pattern: Pattern, scale: float | None = None, *, q_offset
     0 .. Tk - 1, or at ``k_positions`` (sorted) when the keys are a gathered set; the fused kernel on CUDA.
 
     ``pattern`` is a head pattern or one per head (spec §4.4): heads that share a pattern run in one call, so
-    the kernel runs once per distinct head pattern. Top-k heads (§4.5) run ``topk_attention``."""
+    the kernel runs once per distinct head pattern. Top-k heads (§4.5) run ``topk_attention`` (the fused
+    ``topk_attention_fused`` on CUDA)."""
     if is_per_head(pattern):
         return _by_head_groups(pattern, q.shape[1], lambda p, a, b, c: attention(
             a, b, c, p, scale, q_offset=q_offset, k_positions=k_positions), q, k, v)
@@ -267,6 +268,10 @@ def attention(q, k, v, pattern: Pattern, scale: float | None = None, *, q_offset
     if topk_of(pattern) and dilation != 1:
         if k_positions is not None:
             raise ValueError("top-k block attention needs the keys at positions 0 .. Tk - 1 (no k_positions)")
+        block_attention = _fused("block_attention", q)
+        if block_attention is not None:
+            return topk_attention_fused(q, k, v, pattern, scale, q_offset=q_offset,
+                                        kernels=(_fused("sparse_attention", q), block_attention))
         return topk_attention(q, k, v, pattern, scale, q_offset=q_offset)
     if dilation == 1 and k_positions is None and q_offset == 0 and q.shape[-2] == k.shape[-2]:
         # Dense causal attention over the whole sequence: torch's SDPA (flash attention on CUDA), not the fused
@@ -340,10 +345,6 @@ def topk_attention(q, k, v, pattern: Pattern, scale: float | None = None, *, q_o
     (``select_blocks``) that precede it, in one softmax. Blocks are scored with summaries of complete blocks
     only, so a query never selects by keys after it. Memory per block of queries: block_queries x Tk."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    block_attention = _fused("block_attention", q)
-    if block_attention is not None:
-        return topk_attention_fused(q, k, v, pattern, scale, q_offset=q_offset, return_lse=return_lse,
-                                    kernels=(_fused("sparse_attention", q), block_attention))
     block_size = topk_of(pattern)[1]
     tk = k.shape[-2]
     summaries = block_summaries(k, block_size, topk_of(pattern)[2])
@@ -365,8 +366,8 @@ def topk_attention(q, k, v, pattern: Pattern, scale: float | None = None, *, q_o
     return (out, torch.cat(lses, dim=-1)) if return_lse else out
 
 
-def topk_attention_fused(q, k, v, pattern: Pattern, scale: float, *, q_offset: int = 0, return_lse: bool = False,
-                         kernels, select_queries: int = 1024):
+def topk_attention_fused(q, k, v, pattern: Pattern, scale: float | None = None, *, q_offset: int = 0,
+                         return_lse: bool = False, kernels, select_queries: int = 1024):
     """``topk_attention`` through the fused kernels ``kernels = (sparse_attention, block_attention)``: the
     (D, W, P) keys in one call, the selected blocks' other keys in another, merged by their LSEs. The selection
     (``select_block_ids``) runs in torch, ``select_queries`` queries at a time (its scores take

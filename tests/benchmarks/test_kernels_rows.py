@@ -39,3 +39,7 @@ def test_benchmark_builds_every_row(bench, kernels, device, monkeypatch):
     triton_rows = [row for row in table.rows if row[1].startswith("triton")]
     assert len(triton_rows) == 2 + len(bench.PATTERNS)
     assert all(row[-1].startswith(("met", "MISSED")) for row in triton_rows)
+    topk_table = bench.Table()
+    bench.topk_rows(shapes, topk_table)  # three blocks of 64: selection among the complete ones
+    assert len(topk_table.rows) == 2 * len(bench.TOPK_PATTERNS)
+    assert all(len(row) == len(bench.Table.HEADER) and row[2] == "1.000" for row in topk_table.rows)

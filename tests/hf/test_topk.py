@@ -64,12 +64,12 @@ def test_fused_topk_attention_matches_oracle(assert_close, oracle, kernels, devi
     ref = oracle.attention(ref_q, ref_k, ref_v, pattern)
     out = topk_attention_fused(q, k, v, pattern, 8 ** -0.5, kernels=(kernels.sparse_attention,
                                                                      kernels.block_attention), select_queries=16)
-    assert_close("out", out, ref, FP32_VALUES)
+    assert_close("out", out.cpu(), ref, FP32_VALUES)
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
     grads = torch.autograd.grad((out * dout.to(device)).sum(), (q, k, v))
     ref_grads = torch.autograd.grad((ref * dout.double()).sum(), (ref_q, ref_k, ref_v))
     for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
-        assert_close(name, got, want, FP32_GRADS)
+        assert_close(name, got.cpu(), want, FP32_GRADS)
 
 
 def test_fused_topk_attention_of_a_later_chunk(assert_close, oracle, kernels, device):
@@ -79,7 +79,7 @@ def test_fused_topk_attention_of_a_later_chunk(assert_close, oracle, kernels, de
                                                                                                    generator=g)
     out = topk_attention_fused(*(x.to(device) for x in (q, k, v)), pattern, 8 ** -0.5, q_offset=26,
                                kernels=(kernels.sparse_attention, kernels.block_attention))
-    assert_close("out", out, oracle.attention(q, k, v, pattern, q_offset=26), FP32_VALUES)
+    assert_close("out", out.cpu(), oracle.attention(q, k, v, pattern, q_offset=26), FP32_VALUES)
 
 
 def test_selection_matters(oracle):
