@@ -41,6 +41,7 @@ from triton.runtime.jit import create_function_from_signature
 from .scan import bwd as scan_bwd_module
 from .scan import fwd as scan_fwd_module
 from .scan import segments as scan_segments_module
+from .sparse_attn import blocks as attn_blocks_module
 from .sparse_attn import bwd as attn_bwd_module
 from .sparse_attn import fwd as attn_fwd_module
 from .sparse_attn.gathered import plan_gathered_keys
@@ -48,7 +49,8 @@ from .sparse_attn.op import Pattern
 
 # Largest dynamic shared memory one block may use, per compute capability (CUDA programming guide).
 SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
-KERNEL_MODULES = (scan_fwd_module, scan_bwd_module, scan_segments_module, attn_fwd_module, attn_bwd_module)
+KERNEL_MODULES = (scan_fwd_module, scan_bwd_module, scan_segments_module, attn_fwd_module, attn_bwd_module,
+                  attn_blocks_module)
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,20 @@ def drive_attention() -> None:
             attn_bwd_module.attention_bwd(q, kg, vg, out, lse, out, lse, cp, gathered)
 
 
+def drive_block_attention() -> None:
+    """The selected-blocks kernels of top-k attention: fp32 and bf16, with the dilated grid and without, blocks
+    of 64, with the LSE's gradient (the route merges by LSE)."""
+    B, H, T, K, S = 1, 2, 256, 128, 64
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v = (torch.zeros(B, H, T, K, dtype=dtype) for _ in range(3))
+        ids = torch.zeros(B, H, T, 4, dtype=torch.int32)
+        tiles = attn_blocks_module.plan_block_tiles(ids, T // S, attn_blocks_module.tile_shape(dtype)[0])
+        for dilation in (64, -1):
+            pattern = Pattern(dilation, 0, 4, K**-0.5, 0)
+            out, lse = attn_blocks_module.block_attention_fwd(q, k, v, ids, S, tiles, pattern)
+            attn_blocks_module.block_attention_bwd(q, k, v, out, lse, out, lse, ids, S, tiles, pattern)
+
+
 def _describe(value) -> str:
     return value if isinstance(value, str) else repr(value)
 
@@ -164,7 +180,8 @@ def build_jobs(arch: int, all_configs: bool, only: str = "") -> list[CompileJob]
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     jobs, seen = [], set()
-    for name, kernel, args, kwargs, _ in record_launches(drive_scan) + record_launches(drive_attention):
+    launches = record_launches(drive_scan) + record_launches(drive_attention) + record_launches(drive_block_attention)
+    for name, kernel, args, kwargs, _ in launches:
         if only not in name:
             continue
         fn = kernel.fn if isinstance(kernel, Autotuner) else kernel

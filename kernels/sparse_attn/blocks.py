@@ -57,15 +57,16 @@ def plan_block_tiles(block_ids: torch.Tensor, n_blocks: int, block_m: int) -> Bl
     return BlockTiles(block_m, n_blocks, tile_blocks, tile_count, block_tiles, block_count)
 
 
-def tile_shape(dtype: torch.dtype) -> tuple[int, int, int, int]:
+def tile_shape(dtype: torch.dtype, *, bwd: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, warps, stages). The work lists are built for one BLOCK_M on the host, so there is no
-    autotuning. fp32 (IEEE products) takes the spill-free tile of ``fwd.IEEE_CONFIG``; bf16 a FlashAttention-2
-    tile, not yet tuned on a GPU."""
+    autotuning. fp32 (IEEE products) takes the tile of ``fwd.IEEE_CONFIG``; bf16 a FlashAttention-2 tile, 8 warps
+    in backward (4 spill there). Chosen by compile_check's registers and spills for sm_90, not yet timed on a
+    GPU."""
     if INTERPRET:
         return 16, 16, 1, 1
     if dtype == torch.float32:
         return 16, 32, 8, 1
-    return 64, 64, 4, 2
+    return (64, 64, 8, 2) if bwd else (64, 64, 4, 2)
 
 
 @triton.jit
@@ -234,11 +235,11 @@ def block_attn_bwd_dkdv_kernel(
     tl.store(dv + p_out, b_dv.to(dv.dtype.element_ty), mask=m_out)
 
 
-def _launch_args(q, block_ids, tiles: BlockTiles, pattern):
+def _launch_args(q, block_ids, tiles: BlockTiles, pattern, *, bwd: bool = False):
     """(grid-independent sizes, constexprs) shared by the three kernels."""
     B, H, Tq, K = q.shape
     n_tiles = triton.cdiv(Tq, tiles.block_m)
-    block_m, block_n, warps, stages = tile_shape(q.dtype)
+    block_m, block_n, warps, stages = tile_shape(q.dtype, bwd=bwd)
     sizes = (H, n_tiles, tiles.n_blocks)
     meta = dict(HAS_GRID=pattern.dilation > 0, BLOCK_SEL=max(2, triton.next_power_of_2(block_ids.shape[-1])),
                 BLOCK_D=max(16, triton.next_power_of_2(K)), PRECISION=dot_precision(q.dtype), INTERPRET=INTERPRET,
@@ -268,7 +269,7 @@ def block_attention_bwd(q, k, v, out, lse, grad_out, grad_lse, block_ids, block_
     B, H, Tq, K = q.shape
     Tk = k.shape[2]
     q, grad_out = q.contiguous(), grad_out.contiguous()
-    (H, n_tiles, n_blocks), meta = _launch_args(q, block_ids, tiles, pattern)
+    (H, n_tiles, n_blocks), meta = _launch_args(q, block_ids, tiles, pattern, bwd=True)
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     attn_bwd_preprocess_kernel[(triton.cdiv(Tq, 16), H, B)](
         out, grad_out, grad_lse.contiguous() if grad_lse is not None else lse, delta, Tq, K,

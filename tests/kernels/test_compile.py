@@ -18,7 +18,7 @@ import pytest
 KERNELS = [
     "gated_scan_fwd_kernel", "gated_scan_bwd_kernel", "segment_carry_kernel", "sparse_attn_fwd_kernel",
     "attn_bwd_preprocess_kernel", "sparse_attn_bwd_far_kernel", "sparse_attn_bwd_window_kernel",
-    "sparse_attn_bwd_dq_kernel",
+    "sparse_attn_bwd_dq_kernel", "block_attn_fwd_kernel", "block_attn_bwd_dq_kernel", "block_attn_bwd_dkdv_kernel",
 ]
 
 
@@ -54,7 +54,8 @@ def test_every_kernel_variant_compiles_for_sm90():
         assert narrow == 0, f"reads under 4 bytes: {line}"
         if line.split()[0] != "segment_carry_kernel":  # a carry pass over one state row per segment
             assert ld16 > 0, f"no 16-byte reads: {line}"
-        tensor_core_dots = line.startswith(("sparse_attn_fwd", "sparse_attn_bwd")) and "PRECISION=None" in line
+        attention = line.startswith(("sparse_attn_fwd", "sparse_attn_bwd", "block_attn"))
+        tensor_core_dots = attention and "PRECISION=None" in line
         assert (mma == "wgmma") == tensor_core_dots, f"tensor-core instruction {mma!r}: {line}"
 
 
