@@ -215,9 +215,15 @@ def flex_merge_fn(time: int, pattern):
     return run
 
 
-def attention_rows(shapes, copy_bw, table) -> None:
+def sdpa_ms(leaves, do):
+    """Dense causal SDPA, forward + backward: the attention baseline."""
     import torch.nn.functional as F
 
+    return time_ms(fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True), leaves, [do]),
+                   leaves)
+
+
+def attention_rows(shapes, copy_bw, table) -> None:
     from ratplus_mega.kernels import sparse_attention
 
     for batch, time in shapes:
@@ -225,8 +231,7 @@ def attention_rows(shapes, copy_bw, table) -> None:
         q, k, v = (torch.randn(shape, device=DEVICE, dtype=torch.bfloat16).requires_grad_() for _ in range(3))
         do = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16)
         leaves = [q, k, v]
-        sdpa = time_ms(fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True), leaves,
-                               [do]), leaves)
+        sdpa = sdpa_ms(leaves, do)
         dense_pairs = allowed_pairs(time, 1, 0, 0)
         dense_flops = 3.5 * 4 * HEAD_DIM * batch * HEADS * dense_pairs
         table.add([f"attn B{batch}-T{time} dense", "SDPA causal", _fmt(sdpa), "1.00", "",
@@ -251,8 +256,6 @@ def attention_rows(shapes, copy_bw, table) -> None:
 
 
 def topk_rows(shapes, table) -> None:
-    import torch.nn.functional as F
-
     from ratplus_mega import kernels
     from ratplus_mega.hf.modeling_ratplus import topk_attention, topk_attention_fused
 
@@ -262,8 +265,7 @@ def topk_rows(shapes, table) -> None:
         q, k, v = (torch.randn(shape, device=DEVICE, dtype=torch.bfloat16).requires_grad_() for _ in range(3))
         do = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16)
         leaves = [q, k, v]
-        sdpa = time_ms(fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True), leaves,
-                               [do]), leaves)
+        sdpa = sdpa_ms(leaves, do)
         for pattern in TOPK_PATTERNS:
             d, w, p, blocks, size, _ = pattern
             case = f"top-k B{batch}-T{time} D{d}-W{w}-P{p}-K{blocks}-S{size}"

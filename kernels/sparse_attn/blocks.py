@@ -20,8 +20,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .bwd import attn_bwd_preprocess_kernel
-from .fwd import INTERPRET, LOG2E, allowed_mask, dot_precision, load_rows
+from .bwd import attn_bwd_preprocess_kernel, dkdv_update, dq_update
+from .fwd import INTERPRET, LOG2E, allowed_mask, dot_precision, load_rows, softmax_step
 
 
 @dataclass(frozen=True)
@@ -124,14 +124,7 @@ def block_attn_fwd_kernel(
             b_k = load_rows(p_k, o_n, m_n, o_d, m_d, stride_k_t, INTERPRET)
             b_v = load_rows(p_v, o_n, m_n, o_d, m_d, stride_v_t, INTERPRET)
             m_s = _selected_pairs(o_qpos[:, None], o_n[None, :], D, W, P, HAS_GRID) & m_rows[:, None] & m_n[None, :]
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
-            b_s = tl.where(m_s, b_s, float("-inf"))
-            b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
-            b_p = tl.exp2(b_s - b_m_new[:, None])
-            b_alpha = tl.exp2(b_m - b_m_new)
-            b_l = b_l * b_alpha + tl.sum(b_p, 1)
-            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
-            b_m = b_m_new
+            b_acc, b_m, b_l = softmax_step(b_q, b_k, b_v, m_s, b_acc, b_m, b_l, qk_scale, PRECISION)
 
     m_any = b_l > 0
     b_o = b_acc / tl.where(m_any, b_l, 1.0)[:, None]
@@ -177,11 +170,7 @@ def block_attn_bwd_dq_kernel(
             b_k = load_rows(p_k, o_n, m_n, o_d, m_d, stride_k_t, INTERPRET)
             b_v = load_rows(p_v, o_n, m_n, o_d, m_d, stride_v_t, INTERPRET)
             m_s = _selected_pairs(o_qpos[:, None], o_n[None, :], D, W, P, HAS_GRID) & m_rows[:, None] & m_n[None, :]
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
-            b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
-            b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
-            b_ds = b_p * (b_dp - b_delta[:, None])
-            b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
+            b_dq = dq_update(b_q, b_do, b_lse, b_delta, b_k, b_v, m_s, b_dq, qk_scale, PRECISION)
     p_dq = dq + i_bh * Tq * HEAD_DIM + o_i[:, None] * HEAD_DIM + o_d[None, :]
     tl.store(p_dq, (b_dq * sm_scale).to(p_dq.dtype.element_ty), mask=m_i[:, None] & m_d[None, :])
 
@@ -223,12 +212,7 @@ def block_attn_bwd_dkdv_kernel(
         # Transposed scores: keys × queries.
         m_st = _selected_pairs((q_offset + o_i)[None, :], o_k[:, None], D, W, P, HAS_GRID) & m_k[:, None] \
             & m_rows[None, :]
-        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * qk_scale
-        b_pt = tl.where(m_st, tl.exp2(b_st - b_lse[None, :]), 0.0)
-        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
-        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)
-        b_dst = b_pt * (b_dpt - b_delta[None, :])
-        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PRECISION)
+        b_dk, b_dv = dkdv_update(b_k, b_v, b_q, b_do, b_lse, b_delta, m_st, b_dk, b_dv, qk_scale, PRECISION)
     p_out = i_bh * Tk * HEAD_DIM + o_k[:, None] * HEAD_DIM + o_d[None, :]
     m_out = m_k[:, None] & m_d[None, :]
     tl.store(dk + p_out, (b_dk * sm_scale).to(dk.dtype.element_ty), mask=m_out)

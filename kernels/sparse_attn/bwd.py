@@ -70,8 +70,15 @@ def _dkdv_step(b_k, b_v, b_dk, b_dv, o_kpos, m_k, i0, p_q, p_do, p_lse, p_delta,
     else:
         m_s = (b_rel >= 0) & (b_rel <= W)
     m_s = m_s & m_k[:, None] & m_i[None, :]
+    return dkdv_update(b_k, b_v, b_q, b_do, b_lse, b_delta, m_s, b_dk, b_dv, qk_scale, PRECISION)
+
+
+@triton.jit
+def dkdv_update(b_k, b_v, b_q, b_do, b_lse, b_delta, m_st, b_dk, b_dv, qk_scale, PRECISION: tl.constexpr):
+    """dK, dV of a key tile from one query tile, on transposed scores (keys × queries) under the mask ``m_st``;
+    ``b_lse`` in log2 units."""
     b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * qk_scale
-    b_pt = tl.where(m_s, tl.exp2(b_st - b_lse[None, :]), 0.0)
+    b_pt = tl.where(m_st, tl.exp2(b_st - b_lse[None, :]), 0.0)
     b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
     b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)
     b_dst = b_pt * (b_dpt - b_delta[None, :])
@@ -195,6 +202,12 @@ def _dq_step(b_q, b_do, b_lse, b_delta, b_dq, p_k, p_v, o_n, o_kpos, m_n, o_qpos
     b_k = load_rows(p_k, o_n, m_n, o_d, m_d, stride_kt, INTERPRET)
     b_v = load_rows(p_v, o_n, m_n, o_d, m_d, stride_vt, INTERPRET)
     m_s = allowed_mask(o_qpos[:, None], o_kpos[None, :], D, W, P, HAS_GRID) & m_n[None, :]
+    return dq_update(b_q, b_do, b_lse, b_delta, b_k, b_v, m_s, b_dq, qk_scale, PRECISION)
+
+
+@triton.jit
+def dq_update(b_q, b_do, b_lse, b_delta, b_k, b_v, m_s, b_dq, qk_scale, PRECISION: tl.constexpr):
+    """dQ of a query tile from one key tile under the pair mask ``m_s``; ``b_lse`` in log2 units."""
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
     b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
     b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)

@@ -103,8 +103,14 @@ def _attend(b_q, b_acc, b_m, b_l, p_k, p_v, o_n, o_kpos, m_n, o_qpos, o_d, m_d, 
     """One online-softmax step over the key rows ``o_n`` at positions ``o_kpos`` (scores in log2 units)."""
     b_k = load_rows(p_k, o_n, m_n, o_d, m_d, stride_kt, INTERPRET)
     b_v = load_rows(p_v, o_n, m_n, o_d, m_d, stride_vt, INTERPRET)
-    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
     m_s = allowed_mask(o_qpos[:, None], o_kpos[None, :], D, W, P, HAS_GRID) & m_n[None, :]
+    return softmax_step(b_q, b_k, b_v, m_s, b_acc, b_m, b_l, qk_scale, PRECISION)
+
+
+@triton.jit
+def softmax_step(b_q, b_k, b_v, m_s, b_acc, b_m, b_l, qk_scale, PRECISION: tl.constexpr):
+    """The online-softmax update of one key tile under the pair mask ``m_s`` (scores in log2 units)."""
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
     b_s = tl.where(m_s, b_s, float("-inf"))
     b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
     b_p = tl.exp2(b_s - b_m_new[:, None])
