@@ -8,9 +8,9 @@ protocol, docs/spec.md §7.4), each row's ratio to dense measured in the same ru
 Protocol. One model, random weights; every pattern runs the same weights (the reference model of
 ``ratplus_mega/hf``, its compressed decode cache and its decode step). For each context T (4096 and 16384) the
 cache of every sequence of a batch is filled to position T - N - 1 with random keys and values, with the
-bookkeeping of the cache's own prefill (the paper's "simulated prefill"), one step is decoded to warm up, then N steps are timed
-(the paper: N = 1024; here by default 8 on CPU) and decode throughput is B·N / time. The batch B is swept
-upward (doubling, or in steps of ``--batch-step`` as the paper does) until the caches would pass
+bookkeeping of the cache's own prefill (the paper's "simulated prefill"), one step is decoded to warm up, then N
+steps are timed (the paper: N = 1024; here by default 8 on CPU) and decode throughput is B·N / time. The batch
+B is swept upward (doubling, or in steps of ``--batch-step`` as the paper does) until the caches would pass
 ``--memory-gb`` (CPU; default 2) or the device runs out of memory (GPU), and the best throughput is
 reported with its batch; on CPU the sweep also stops after two steps in a row that gain under 5 %. Prefill time
 is one forward pass over a T-token prompt at batch 1 that fills the cache (contexts up to ``--prefill-max``).
@@ -27,11 +27,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 
 import torch
+
+from ratplus_mega.provenance import git_commit
 
 DEFAULT_PATTERNS = ["1,0,0", "16,0,0", "16,256,4", "64,0,0", "64,256,4", "-1,0,4,16,64", "64,0,4,8,64",
                     "1,0,0/64,0,0"]
@@ -91,7 +92,7 @@ def fill_cache(model, batch: int, context: int, length: int):
     values only where the cache keeps positions, so a D = 64 batch costs its own cache, not a dense one."""
     from ratplus_mega.hf.modeling_ratplus import _grid_positions
 
-    c, p = model.config, model.lm_head.weight
+    p = model.lm_head.weight
     cache = model.new_cache(batch, context)
     g = torch.Generator(device=p.device).manual_seed(1)
     for layer in cache.layers:
@@ -201,7 +202,7 @@ def main(argv=None) -> list[Row]:
     overrides = args.overrides or ([] if gpu else CPU_MODEL)
     m = load_config(args.config, [*overrides, f"model.seq_len={max(args.contexts)}"]).model
     base = reference_config(m)
-    commit = _commit()  # of the code that runs, read before it runs
+    commit = git_commit(*CODE_RUN)  # of the code that runs, read before it runs
 
     rows = []
     for text in args.patterns.split():
@@ -245,16 +246,6 @@ def main(argv=None) -> list[Row]:
 
 CODE_RUN = ["benchmarks/decode.py", "ratplus_mega/hf", "ratplus_mega/config", "ratplus_mega/reference_layout.py"]
 
-
-def _commit() -> str:
-    """The commit, "+dirty" if the code this benchmark runs differs from it."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", *CODE_RUN], capture_output=True,
-                               text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

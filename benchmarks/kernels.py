@@ -28,11 +28,11 @@ Every ratio is to a baseline timed in the same run. Prints one table plus device
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
-from pathlib import Path
 
 import torch
+
+from ratplus_mega.provenance import git_commit
 
 DEVICE = "cuda"
 HEADS, HEAD_DIM = 16, 128
@@ -45,14 +45,6 @@ PATTERNS = [(d, w, 4) for d in (1, 16, 64) for w in (0, 256)]
 # its dilated variant (D = 64 grid keys plus K = 8 blocks).
 TOPK_PATTERNS = [(-1, 0, 4, 16, 64, "max"), (64, 0, 4, 8, 64, "max")]
 
-
-def git_commit() -> str:
-    try:
-        root = Path(__file__).resolve().parent.parent
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def compiled(fn):

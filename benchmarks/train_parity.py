@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from ratplus_mega.provenance import git_commit
+
 REPO = Path(__file__).resolve().parents[1]
 MODEL = ["model.num_layers=4", "model.hidden_size=256", "model.num_heads=4", "model.head_dim=64",
          "model.ffn_hidden_size=1024", "model.vocab_size=2048", "model.seq_len=512",
@@ -91,7 +93,7 @@ def main() -> None:
         rows["kernels"] = _child("cuda", "bf16", True, args)
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"# {args.steps} joint steps, batch {args.batch} x 512, 4 layers d=256, D16 W32 P4 | bf16 on {device} | "
-          f"torch {torch.__version__} | commit {_commit()}")
+          f"torch {torch.__version__} | commit {git_commit()}")
     print(f"{'quantity':<14}{'oracle (fp32)':>15}{'baseline err':>14}{'kernels err':>13}{'allowed':>10}  ok")
     failed = False
     for key in rows["oracle"]:
@@ -111,13 +113,6 @@ def main() -> None:
           "+ atol")
     sys.exit(1 if failed else 0)
 
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

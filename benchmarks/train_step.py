@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import time
 
 import torch
+
+from ratplus_mega.provenance import git_commit
 
 
 def main() -> None:
@@ -71,7 +72,7 @@ def main() -> None:
 
     device = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
     print(f"# {args.config} {' '.join(args.overrides)} | micro-batch {args.micro_batch} x {args.accumulation} x seq "
-          f"{seq} | {device} | torch {torch.__version__} | commit {_commit()}")
+          f"{seq} | {device} | torch {torch.__version__} | commit {git_commit()}")
     print(f"{'step':<24}{'s/step':>10}{'tokens/s':>12}{'vs dense':>10}{'MFU':>8}{'peak GiB':>10}")
     base = rows[0][2]
     for name, seconds, rate, flops in rows:
@@ -91,13 +92,6 @@ def _time_steps(step, n: int, gpu: bool) -> float:
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / n
 
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -10,17 +10,10 @@ from pathlib import Path
 import pytest
 
 from ratplus_mega.checkpoint import MARKER, read_marker
+from tests.e2e.runs import free_port
 
 WORKER = Path(__file__).with_name("commit_worker.py")
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _synced(log: Path) -> list[tuple[int, str]]:
@@ -33,7 +26,7 @@ def test_each_rank_syncs_its_own_files_and_the_marker_follows_all(tmp_path):
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), str(WORKER), str(tmp_path)]
+           "--master-port", str(free_port()), str(WORKER), str(tmp_path)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

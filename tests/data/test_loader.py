@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -15,6 +14,7 @@ import torch
 
 from tests.data.data_helpers import EOS, T, WINDOWS, stream_of, read_windows, window_id, window_tokens, \
     write_window_folder
+from tests.e2e.runs import free_port
 
 
 @pytest.fixture(scope="module")
@@ -164,16 +164,10 @@ def test_random_offset_slices_the_flat_stream(folder):
     gc.collect()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(folder, out_dir, world: int, replication: int, plan: list[dict]) -> list[list[dict]]:
     """Run loader_worker.py on ``world`` ranks (gloo, CPU) and return each rank's phases."""
     worker = os.path.join(os.path.dirname(__file__), "loader_worker.py")
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(world):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),

@@ -1,27 +1,22 @@
 """Launch the multi-rank parity checks (one torchrun per layout; every assertion runs inside the ranks)."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.e2e.runs import free_port
+
 WORKER = Path(__file__).with_name("parity_worker.py")
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch(layout: str, nproc: int) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RATPLUS_DISABLE_KERNELS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-           "127.0.0.1", "--master-port", str(_free_port()), str(WORKER), layout]
+           "127.0.0.1", "--master-port", str(free_port()), str(WORKER), layout]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "Error" in line or "rank" in line]

@@ -15,17 +15,12 @@ import pytest
 
 from ratplus_mega.train.metrics import read_metrics
 
+from .runs import free_port
 from .test_train import REPO, _env, _train_cmd
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "scontrol")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _slurm_conf(root: Path) -> str:
@@ -34,8 +29,8 @@ def _slurm_conf(root: Path) -> str:
 SlurmctldHost={host}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
 SlurmctldPidFile={root}/slurmctld.pid

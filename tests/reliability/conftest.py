@@ -5,26 +5,21 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.e2e.runs import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 _LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def _ratplus(*args, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS and k != "PYTHONWARNINGS"}
-    base.update(OMP_NUM_THREADS="1", RATPLUS_DISABLE_KERNELS="1", MASTER_PORT=_free_port())
+    base.update(OMP_NUM_THREADS="1", RATPLUS_DISABLE_KERNELS="1", MASTER_PORT=str(free_port()))
     base.pop("RATPLUS_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "ratplus_mega.cli", *map(str, args)], cwd=REPO,
                           env={**base, **(env or {})}, capture_output=True, text=True, timeout=timeout,

@@ -19,10 +19,11 @@ import pytest
 
 from ratplus_mega.checkpoint import committed_checkpoints, read_marker
 from ratplus_mega.cli import main
+from tests.e2e.runs import free_port
 
 from .checkpoint_files import (MODEL_STATES, OPTIMIZER_STATES, RANK_STATE, alter, checkpoint, copy_run, plant,
                                truncate)
-from .conftest import _LAUNCHER_VARS, REPO, _free_port, train_args
+from .conftest import _LAUNCHER_VARS, REPO, train_args
 
 
 def test_the_marker_records_every_file_as_written(tiny_run):
@@ -145,5 +146,5 @@ def _two_ranks(args: list[str]) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
     env.update(OMP_NUM_THREADS="1", RATPLUS_DISABLE_KERNELS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", _free_port(), "-m", "ratplus_mega.cli", *map(str, args)]
+           "--master-port", str(free_port()), "-m", "ratplus_mega.cli", *map(str, args)]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
