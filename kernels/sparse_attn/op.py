@@ -157,6 +157,7 @@ def block_attention(
     *,
     q_offset: int = 0,
     return_lse: bool = False,
+    check_ids: bool = True,
 ):
     """The selected part of top-k block attention (docs/spec.md §4.5): each query sees the keys of the blocks it
     lists (block n: keys n·S .. n·S + S - 1) that precede it and that the (D, W, P) rule of ``sparse_attention``
@@ -169,10 +170,12 @@ def block_attention(
         block_ids: (B, H, Tq, n) integers in 0 .. ceil(Tk / S) - 1: the blocks each query lists (repeats allowed).
         block_size: S >= 1.
         dilation, window, sinks: the (D, W, P) pattern whose keys are left out.
+        check_ids: check the ids' range (one host sync); a caller whose ids are in range by construction may
+            skip it, keeping the GPU queue free of syncs.
     Returns:
         out (B, H, Tq, K) in q's dtype; with ``return_lse`` also the LSE (B, H, Tq) float32, differentiable.
     Raises:
-        ValueError: on bad shapes, dtypes, pattern or block ids (one host sync checks the ids' range).
+        ValueError: on bad shapes, dtypes, pattern or block ids.
     """
     q, k, v = _check_qkv(q, k, v, q_offset, gathered=False)
     pattern = _pattern(q, dilation, window, sinks, scale, q_offset)
@@ -183,7 +186,7 @@ def block_attention(
             or block_ids.dtype == torch.bool or block_ids.device != q.device):
         raise ValueError(f"block_attention: block_ids must be (B, H, Tq, n) integers on q's device, matching q "
                          f"{tuple(q.shape[:3])}; got {tuple(block_ids.shape)} {block_ids.dtype} on {block_ids.device}")
-    if block_ids.numel() and bool(((block_ids < 0) | (block_ids >= n_blocks)).any()):
+    if check_ids and block_ids.numel() and bool(((block_ids < 0) | (block_ids >= n_blocks)).any()):
         raise ValueError(f"block_attention: block ids must lie in 0 .. {n_blocks - 1} ({k.shape[2]} keys in blocks "
                          f"of {block_size})")
     block_ids = block_ids.to(torch.int32).contiguous()
