@@ -9,6 +9,9 @@
 #   bash launch/gpu_check.sh tests           # only the tests
 #   bash launch/gpu_check.sh bench [--full]  # only the benchmark (--full: every shape)
 #   bash launch/gpu_check.sh train           # only training (needs .gpu-wheels/: bash launch/gpu_wheels.sh)
+#   bash launch/gpu_check.sh decode          # whole-model decode and prefill of the 1.5B preset, dense vs
+#                                            # D = 16/64 (± W, P), top-k and a per-head hybrid (not in "all":
+#                                            # 256 timed steps per batch, doubling batches)
 #
 # Runs with the python3 that holds a CUDA build of torch and Triton (GPU images bring their own; the kernel
 # checks need none of the training stack's packages); the package is put on its path, not installed. Most of
@@ -17,12 +20,13 @@
 # Training needs DeepSpeed, megatron-core and streaming, which GPU images lack: launch/gpu_wheels.sh fetches
 # their wheels into .gpu-wheels/ wherever a registry is reachable, and this script installs, offline, those the
 # image cannot import into the same scratch folder.
-# With OUT_DIR set, the outputs are also written to OUT_DIR/gpu_tests.txt, gpu_kernels.txt and gpu_train.txt.
+# With OUT_DIR set, the outputs are also written to OUT_DIR/gpu_tests.txt, gpu_kernels.txt, gpu_train.txt and
+# gpu_decode.txt.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 part=all
-case "${1:-}" in tests | bench | train | all) part=$1; shift ;; esac
+case "${1:-}" in tests | bench | train | decode | all) part=$1; shift ;; esac
 quick=--quick
 [ "${1:-}" = "--full" ] && quick=
 out=${OUT_DIR:-$(mktemp -d)}
@@ -76,5 +80,11 @@ if [ "$part" = train ] || [ "$part" = all ]; then
     echo "==> training steps of the 1.5B preset at 4,096 tokens" | tee -a "$out/gpu_train.txt"
     python3 benchmarks/train_step.py --config configs/model/ratplus-1.5b.yaml --micro-batch 1 --steps 5 \
         train.loss_chunk_tokens=1024 2>&1 | tee -a "$out/gpu_train.txt" || status=1
+fi
+if [ "$part" = decode ]; then
+    echo "==> decode and prefill of the 1.5B preset, bf16" | tee "$out/gpu_decode.txt"
+    # Batches double (the paper steps by 16: hundreds of sweeps at D = 64); 256 timed steps instead of 1024.
+    python3 benchmarks/decode.py --config configs/model/ratplus-1.5b.yaml --dtype bf16 --new-tokens 256 2>&1 \
+        | tee -a "$out/gpu_decode.txt" || status=1
 fi
 exit $status
