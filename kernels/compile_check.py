@@ -158,16 +158,16 @@ def drive_attention() -> None:
 
 def drive_block_attention() -> None:
     """The selected-blocks kernels of top-k attention: fp32 and bf16, with the dilated grid and without, blocks
-    of 64, with the LSE's gradient (the route merges by LSE)."""
-    B, H, T, K, S = 1, 2, 256, 128, 64
+    of 64 (the paper's) and of 8 (a narrower key tile), with the LSE's gradient (the route merges by LSE)."""
+    B, H, T, K = 1, 2, 256, 128
     for dtype in (torch.float32, torch.bfloat16):
         q, k, v = (torch.zeros(B, H, T, K, dtype=dtype) for _ in range(3))
         ids = torch.zeros(B, H, T, 4, dtype=torch.int32)
-        tiles = attn_blocks_module.plan_block_tiles(ids, T // S, attn_blocks_module.tile_shape(dtype)[0])
-        for dilation in (64, -1):
+        for size, dilation in ((64, 64), (64, -1), (8, -1)):
+            plan = attn_blocks_module.plan_blocks(ids, T // size, attn_blocks_module.tile_shape(dtype, size)[0])
             pattern = Pattern(dilation, 0, 4, K**-0.5, 0)
-            out, lse = attn_blocks_module.block_attention_fwd(q, k, v, ids, S, tiles, pattern)
-            attn_blocks_module.block_attention_bwd(q, k, v, out, lse, out, lse, ids, S, tiles, pattern)
+            out, lse = attn_blocks_module.block_attention_fwd(q, k, v, ids, size, plan, pattern)
+            attn_blocks_module.block_attention_bwd(q, k, v, out, lse, out, lse, ids, size, plan, pattern)
 
 
 def _describe(value) -> str:

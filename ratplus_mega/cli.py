@@ -316,8 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="perplexity, recall, needle-in-a-haystack and lm-eval tasks per attention pattern")
     ev.add_argument("--model", required=True, help="an HF folder or a training run (exported on the fly)")
     ev.add_argument("--patterns", default="dense,own", metavar="P,P,...",
-                    help="dense, own (the folder's), D:W:P, D:W:P:K:S, or such patterns joined by / (one per equal group "
-                         "of heads), comma-separated (default dense,own)")
+                    help="dense, own (the folder's), D:W:P, D:W:P:K:S, or such patterns joined by / (one per equal "
+                         "group of heads), comma-separated (default dense,own)")
     ev.add_argument("--tasks", default="ppl,recall,niah", metavar="T,T,...",
                     help="ppl, recall, niah, lm-eval:TASK[,TASK...] (default ppl,recall,niah)")
     ev.add_argument("--out", help="folder for results.json and the PNG pictures (default MODEL/eval)")

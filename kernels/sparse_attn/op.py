@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .blocks import BlockTiles, block_attention_bwd, block_attention_fwd, plan_block_tiles, tile_shape
+from .blocks import BlockPlan, block_attention_bwd, block_attention_fwd, plan_blocks, tile_shape
 from .bwd import attention_bwd
 from .fwd import INTERPRET, attention_fwd
 from .gathered import GatheredKeys, plan_gathered_keys
@@ -52,10 +52,10 @@ class BlockAttentionFunction(torch.autograd.Function):
     """The selected-blocks kernels with the same saved-LSE recomputation."""
 
     @staticmethod
-    def forward(ctx, q, k, v, block_ids, block_size: int, tiles: BlockTiles, pattern: Pattern):
-        out, lse = block_attention_fwd(q, k, v, block_ids, block_size, tiles, pattern)
+    def forward(ctx, q, k, v, block_ids, block_size: int, plan: BlockPlan, pattern: Pattern):
+        out, lse = block_attention_fwd(q, k, v, block_ids, block_size, plan, pattern)
         ctx.save_for_backward(q, k, v, out, lse, block_ids)
-        ctx.block_size, ctx.tiles, ctx.pattern = block_size, tiles, pattern
+        ctx.block_size, ctx.plan, ctx.pattern = block_size, plan, pattern
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -65,7 +65,7 @@ class BlockAttentionFunction(torch.autograd.Function):
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         dq, dk, dv = block_attention_bwd(q, k, v, out, lse, grad_out, grad_lse, block_ids, ctx.block_size,
-                                         ctx.tiles, ctx.pattern)
+                                         ctx.plan, ctx.pattern)
         return dq, dk, dv, None, None, None, None
 
 
@@ -190,6 +190,6 @@ def block_attention(
         raise ValueError(f"block_attention: block ids must lie in 0 .. {n_blocks - 1} ({k.shape[2]} keys in blocks "
                          f"of {block_size})")
     block_ids = block_ids.to(torch.int32).contiguous()
-    tiles = plan_block_tiles(block_ids, n_blocks, tile_shape(q.dtype)[0])
-    out, lse = BlockAttentionFunction.apply(q, k, v, block_ids, int(block_size), tiles, pattern)
+    plan = plan_blocks(block_ids, n_blocks, tile_shape(q.dtype, block_size)[0])
+    out, lse = BlockAttentionFunction.apply(q, k, v, block_ids, int(block_size), plan, pattern)
     return (out, lse) if return_lse else out

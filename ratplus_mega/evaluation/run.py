@@ -204,7 +204,8 @@ def format_table(rows: list[dict], patterns: list[str]) -> str:
     width = max([len(k) for k in lines] + [10]) + 2
     cols = [max(len(p), 9) + 2 for p in patterns]
     head = f"{'':<{width}}" + "".join(f"{p:>{c}}" for p, c in zip(patterns, cols))
-    body = [f"{k:<{width}}" + "".join(f"{v.get(p, '-'):>{c}}" for p, c in zip(patterns, cols)) for k, v in lines.items()]
+    body = [f"{k:<{width}}" + "".join(f"{v.get(p, '-'):>{c}}" for p, c in zip(patterns, cols))
+            for k, v in lines.items()]
     return "\n".join([head, *body])
 
 

@@ -366,30 +366,59 @@ def topk_attention(q, k, v, pattern: Pattern, scale: float | None = None, *, q_o
     return (out, torch.cat(lses, dim=-1)) if return_lse else out
 
 
+# Scores the fused route's selection holds at once (q · summaries, fp32): 128 MiB, whatever B·H and T.
+SELECT_SCORES = 1 << 25
+
+
 def topk_attention_fused(q, k, v, pattern: Pattern, scale: float | None = None, *, q_offset: int = 0,
-                         return_lse: bool = False, kernels, select_queries: int = 1024):
+                         return_lse: bool = False, kernels, select_queries: int | None = None):
     """``topk_attention`` through the fused kernels ``kernels = (sparse_attention, block_attention)``: the
     (D, W, P) keys in one call, the selected blocks' other keys in another, merged by their LSEs. The selection
-    (``select_block_ids``) runs in torch, ``select_queries`` queries at a time (its scores take
-    select_queries x Tk / S floats per head)."""
+    (``select_block_ids``, no gradient flows through it) runs in torch, ``select_queries`` queries at a time (by
+    default as many as keep its scores within ``SELECT_SCORES`` floats)."""
     sparse_attention, block_attention = kernels
     dilation, window, sinks = pattern[:3]
-    blocks_k, block_size, score = topk_of(pattern)
-    summaries = block_summaries(k, block_size, score)
-    ids = torch.cat([select_block_ids(
-        q[..., start:start + select_queries, :], summaries,
-        torch.arange(q_offset + start, q_offset + min(start + select_queries, q.shape[-2]), device=q.device),
-        pattern) for start in range(0, q.shape[-2], select_queries)], dim=-2)
+    block_size, score = topk_of(pattern)[1:]
+    with torch.no_grad():
+        summaries = block_summaries(k, block_size, score)
+        step = select_queries or max(1, SELECT_SCORES // (q.shape[0] * q.shape[1] * max(summaries.shape[-2], 1)))
+        ids = torch.cat([select_block_ids(
+            q[..., start:start + step, :], summaries,
+            torch.arange(q_offset + start, q_offset + min(start + step, q.shape[-2]), device=q.device),
+            pattern).to(torch.int32) for start in range(0, q.shape[-2], step)], dim=-2)
     out_fixed, lse_fixed = sparse_attention(q, k, v, dilation, window, sinks, scale, q_offset=q_offset,
                                             return_lse=True)
     # select_block_ids names blocks 0 .. own only, so the kernel's range check (a host sync) is skipped.
     out_blocks, lse_blocks = block_attention(q, k, v, ids, block_size, dilation, window, sinks, scale,
                                              q_offset=q_offset, return_lse=True, check_ids=False)
-    # The (D, W, P) part always holds the query's own key, so lse_fixed and the merged LSE are finite.
-    lse = torch.logaddexp(lse_fixed, lse_blocks)
-    out = (out_fixed.float() * torch.exp(lse_fixed - lse)[..., None]
-           + out_blocks.float() * torch.exp(lse_blocks - lse)[..., None]).to(q.dtype)
+    out, lse = _MergeByLse.apply(out_fixed, lse_fixed, out_blocks, lse_blocks)
     return (out, lse) if return_lse else out
+
+
+class _MergeByLse(torch.autograd.Function):
+    """Two softmaxes over disjoint keys as one: ``lse = logaddexp(l1, l2)``, ``out = a·o1 + b·o2`` with
+    ``a = exp(l1 - lse)``, ``b = exp(l2 - lse)``. Saves only its inputs (the kernels keep them for their own
+    backward anyway) and recomputes the weights, so the merge adds no fp32 copies of the output to the graph.
+    ``l1`` must be finite (the (D, W, P) part holds the query's own key); ``l2`` may be -inf."""
+
+    @staticmethod
+    def forward(ctx, o1, l1, o2, l2):
+        ctx.save_for_backward(o1, l1, o2, l2)
+        lse = torch.logaddexp(l1, l2)
+        out = o1.float() * torch.exp(l1 - lse)[..., None] + o2.float() * torch.exp(l2 - lse)[..., None]
+        return out.to(o1.dtype), lse
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        o1, l1, o2, l2 = ctx.saved_tensors
+        lse = torch.logaddexp(l1, l2)
+        a, b = torch.exp(l1 - lse), torch.exp(l2 - lse)
+        o1f, o2f, g = o1.float(), o2.float(), d_out.float()
+        out = o1f * a[..., None] + o2f * b[..., None]
+        # d out / d l1 = a·(o1 - out) and d out / d l2 = b·(o2 - out); d lse / d l1 = a, d lse / d l2 = b.
+        d_l1 = a * ((g * (o1f - out)).sum(-1) + d_lse)
+        d_l2 = b * ((g * (o2f - out)).sum(-1) + d_lse)
+        return (g * a[..., None]).to(o1.dtype), d_l1, (g * b[..., None]).to(o2.dtype), d_l2
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -54,32 +54,49 @@ def test_topk_attention_matches_oracle_selection_and_mask(assert_close, oracle, 
         assert_close(name, got, want, FP32_GRADS)
 
 
-@pytest.mark.parametrize("case", ATTENTION_CASES)
-def test_fused_topk_attention_matches_oracle(assert_close, oracle, kernels, device, case):
-    """The fused route (the (D, W, P) kernel plus the selected-blocks kernel, merged by LSE; the Triton
-    interpreter on CPU) against the same oracle; selection in chunks of 16 queries."""
-    t, pattern = ATTENTION_CASES[case]
-    q, k, v = (x.to(device).requires_grad_() for x in qkv(t, seed=t))
-    ref_q, ref_k, ref_v = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
-    ref = oracle.attention(ref_q, ref_k, ref_v, pattern)
-    out = topk_attention_fused(q, k, v, pattern, 8 ** -0.5, kernels=(kernels.sparse_attention,
-                                                                     kernels.block_attention), select_queries=16)
+@pytest.fixture
+def fused_on_cpu(kernels, monkeypatch):
+    """``attention()`` takes its CUDA route on CPU tensors: the fused kernels under the Triton interpreter."""
+    import ratplus_mega.hf.modeling_ratplus as modeling
+
+    monkeypatch.setattr(modeling, "_fused", lambda name, tensor: getattr(kernels, name))
+    return kernels
+
+
+def assert_matches(assert_close, out, ref, inputs, ref_inputs):
+    """Values and the gradients of q, k, v of ``out`` against the fp64 ``ref``."""
     assert_close("out", out.cpu(), ref, FP32_VALUES)
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
-    grads = torch.autograd.grad((out * dout.to(device)).sum(), (q, k, v))
-    ref_grads = torch.autograd.grad((ref * dout.double()).sum(), (ref_q, ref_k, ref_v))
+    grads = torch.autograd.grad((out * dout.to(out.device)).sum(), inputs)
+    ref_grads = torch.autograd.grad((ref * dout.double()).sum(), ref_inputs)
     for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert_close(name, got.cpu(), want, FP32_GRADS)
 
 
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+def test_fused_topk_attention_matches_oracle(assert_close, oracle, fused_on_cpu, device, case):
+    """``attention()``'s fused route (the (D, W, P) kernel plus the selected-blocks kernel, merged by LSE)
+    against the same oracle."""
+    t, pattern = ATTENTION_CASES[case]
+    q, k, v = (x.to(device).requires_grad_() for x in qkv(t, seed=t))
+    ref_inputs = [x.detach().cpu().double().requires_grad_() for x in (q, k, v)]
+    assert_matches(assert_close, attention(q, k, v, pattern), oracle.attention(*ref_inputs, pattern), (q, k, v),
+                   ref_inputs)
+
+
 def test_fused_topk_attention_of_a_later_chunk(assert_close, oracle, kernels, device):
+    """Queries after a prefix (chunked prefill), the selection in chunks of 3 queries; the LSE is returned."""
     _, pattern = ATTENTION_CASES["K4-S4-W2-P1"]
     g = torch.Generator().manual_seed(9)
     q, k, v = torch.randn(1, 2, 7, 8, generator=g), torch.randn(1, 2, 33, 8, generator=g), torch.randn(1, 2, 33, 8,
                                                                                                    generator=g)
-    out = topk_attention_fused(*(x.to(device) for x in (q, k, v)), pattern, 8 ** -0.5, q_offset=26,
-                               kernels=(kernels.sparse_attention, kernels.block_attention))
-    assert_close("out", out.cpu(), oracle.attention(q, k, v, pattern, q_offset=26), FP32_VALUES)
+    inputs = [x.to(device).requires_grad_() for x in (q, k, v)]
+    ref_inputs = [x.double().requires_grad_() for x in (q, k, v)]
+    out, lse = topk_attention_fused(*inputs, pattern, q_offset=26, return_lse=True, select_queries=3,
+                                    kernels=(kernels.sparse_attention, kernels.block_attention))
+    _, ref_lse = topk_attention(q, k, v, pattern, q_offset=26, return_lse=True)
+    assert_close("lse", lse.detach().cpu(), ref_lse, FP32_VALUES)
+    assert_matches(assert_close, out, oracle.attention(*ref_inputs, pattern, q_offset=26), inputs, ref_inputs)
 
 
 def test_selection_matters(oracle):

@@ -23,17 +23,22 @@ CASES = {
     "S40-spans-sub-tiles": (90, 90, 0, 40, (-1, 2, 0), 2, torch.float32),
     "S1": (20, 20, 0, 1, (3, 1, 1), 5, torch.float32),
     "chunked-prefill": (30, 70, 25, 8, (16, 5, 1), 4, torch.float32),
+    "later-blocks-listed": (40, 40, 0, 5, (-1, 1, 0), 4, torch.float32),
     "S8-bf16": (40, 40, 0, 8, (-1, 2, 1), 4, torch.bfloat16),
+    "S64-bf16-several-gpu-tiles": (150, 150, 0, 64, (-1, 0, 4), 3, torch.bfloat16),
 }
 
 
-def random_ids(tq: int, q_offset: int, block_size: int, per_query: int, shape, seed: int) -> torch.Tensor:
-    """Each query lists blocks at or before its own, with repeats; in most cases some queries list only keys the
-    (D, W, P) rule already covers, so rows with no key occur too."""
+def random_ids(tq: int, q_offset: int, block_size: int, per_query: int, shape, seed: int,
+               n_blocks: int | None = None) -> torch.Tensor:
+    """Each query lists blocks at or before its own, with repeats (any of the ``n_blocks`` blocks, later ones
+    included, when given); in most cases some queries list only keys the (D, W, P) rule already covers, so rows
+    with no key occur too."""
     g = torch.Generator().manual_seed(seed)
     own = (torch.arange(q_offset, q_offset + tq) // block_size)[:, None]
+    top = own + 1 if n_blocks is None else torch.full_like(own, n_blocks)
     draws = torch.rand((*shape, tq, per_query), generator=g)
-    return (draws * (own + 1)).long().clamp(max=own)
+    return (draws * top).long().clamp(max=top - 1)
 
 
 def explicit_mask(ids, tq: int, tk: int, q_offset: int, block_size: int, pattern) -> torch.Tensor:
@@ -74,7 +79,8 @@ def test_block_attention_matches_explicit_mask(kernels, nan_poison, device, name
     k, v = (torch.randn((b, h, tk, kd), generator=g).to(device, dtype).requires_grad_() for _ in range(2))
     weights = [torch.randn((b, h, tq, kd), generator=g, dtype=torch.float64).to(device),
                torch.randn((b, h, tq), generator=g, dtype=torch.float64).to(device)]
-    ids = random_ids(tq, off, size, per_query, (b, h), seed=size)
+    ids = random_ids(tq, off, size, per_query, (b, h), seed=size,
+                     n_blocks=-(-tk // size) if name == "later-blocks-listed" else None)
     mask = explicit_mask(ids, tq, tk, off, size, pattern).to(device)
     with nan_poison():
         out, lse = kernels.block_attention(q, k, v, ids.to(device), size, *pattern, q_offset=off, return_lse=True)

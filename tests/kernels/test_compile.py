@@ -44,6 +44,9 @@ def test_every_kernel_variant_compiles_for_sm90():
     for kernel in ("gated_scan_fwd_kernel", "gated_scan_bwd_kernel"):
         for needle in ("SUMMARY=True", "SUMMARY=False"):
             assert any(line.startswith(kernel) and needle in line for line in lines), f"{kernel} {needle}:\n{report}"
+    # The selected-blocks kernels: both block sizes (key tiles of 64 and 16).
+    for needle in ("BLOCK_N=64", "BLOCK_N=16"):
+        assert any(line.startswith("block_attn_bwd_dkdv") and needle in line for line in lines), report
     # Every row carries registers, stack and shared bytes read back from the compiled kernel, and what its PTX
     # does: bf16 dots on sm_90's tensor cores (wgmma), tiles read 16 bytes per thread, nothing read under
     # 4 bytes (a bf16 tile read element by element).
@@ -51,12 +54,17 @@ def test_every_kernel_variant_compiles_for_sm90():
         found = re.search(r" \d+ +\d+ +\d+  (\S+) +(\d+) +(\d+)  \d+\.\ds", line)
         assert found, f"no usage columns in: {line}"
         mma, ld16, narrow = found.group(1), int(found.group(2)), int(found.group(3))
-        assert narrow == 0, f"reads under 4 bytes: {line}"
+        blocks = line.startswith("block_attn")
+        # The selected-blocks kernels read one byte of their plan per block or tile visited (a scalar flag).
+        assert narrow == (1 if blocks else 0), f"reads under 4 bytes: {line}"
         if line.split()[0] != "segment_carry_kernel":  # a carry pass over one state row per segment
             assert ld16 > 0, f"no 16-byte reads: {line}"
-        attention = line.startswith(("sparse_attn_fwd", "sparse_attn_bwd", "block_attn"))
-        tensor_core_dots = attention and "PRECISION=None" in line
-        assert (mma == "wgmma") == tensor_core_dots, f"tensor-core instruction {mma!r}: {line}"
+        tensor_core_dots = line.startswith(("sparse_attn_fwd", "sparse_attn_bwd", "block_attn")) \
+            and "PRECISION=None" in line
+        # wgmma needs 64 rows per warp group: a dK/dV tile of 16 keys (blocks of 8) runs Ampere's mma.sync.
+        narrow_rows = line.startswith("block_attn_bwd_dkdv") and "BLOCK_N=16" in line
+        expected = ("mma" if narrow_rows else "wgmma") if tensor_core_dots else "-"
+        assert mma == expected, f"tensor-core instruction {mma!r}, expected {expected!r}: {line}"
 
 
 def test_ptx_instructions_reads_tensor_cores_and_load_widths():

@@ -97,8 +97,8 @@ def _not_checkpoints(folder):
     torch.save({"task": {"embedding.wte.weight": torch.ones(64, 8)}}, truncated)
     truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
     return {"text": (text, "not a PyTorch checkpoint"), "empty": (empty, "not a PyTorch checkpoint (an empty file)"),
-            "plain-pickle": (plain, "not a PyTorch checkpoint"), "zip-archive": (archive, "cannot read as a checkpoint"),
-            "truncated": (truncated, "truncated or damaged")}
+            "plain-pickle": (plain, "not a PyTorch checkpoint"),
+            "zip-archive": (archive, "cannot read as a checkpoint"), "truncated": (truncated, "truncated or damaged")}
 
 
 def test_import_public_of_a_file_that_is_not_a_checkpoint(ratplus, one_line_error, digest, tmp_path, capsys):
