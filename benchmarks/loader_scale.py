@@ -186,6 +186,9 @@ def measure_row(folder: str, *, tokens: int, world: int, workers: int, seq_len: 
     start = time.perf_counter()
     next(it)
     first_batch_s = time.perf_counter() - start
+    # Every worker is alive now (started by iter(), none done yet); a short epoch may end one before the
+    # sampling thread's next look.
+    peaks.sample()
     count, start = 0, time.perf_counter()
     while count < batches_per_epoch - 1 and (time.perf_counter() - start < seconds or count < 10):
         next(it)
