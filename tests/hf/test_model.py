@@ -1,9 +1,8 @@
-"""The reference model against a forward written out here from docs/spec.md §1, and its compressed decode
-cache (§4.1–§4.3) against that oracle at every position."""
+"""The reference model against the fp64 oracle of docs/spec.md §1 (``oracle`` in conftest.py: per-step
+recurrence loops and an explicit mask per head), and its compressed decode cache (§4.1–§4.3) against that oracle
+at every position."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
@@ -13,65 +12,6 @@ from ratplus_mega.hf import RatPlusForCausalLM
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 FP32_VALUES = 1e-5  # docs/decisions.md "Tests", relative to the reference's scale
-
-# ------------------------------------------------------------------------------------------------------------
-# The oracle: spec §1 step by step in fp64, with per-step loops instead of the model's vectorised code.
-# ------------------------------------------------------------------------------------------------------------
-
-
-def rms_norm(x, gain, eps=1e-6):
-    return gain * x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
-
-
-def rope(x, positions):
-    """Rotate-half RoPE over the head dim, base 10000: x (B, H, T, K) at absolute positions (T,)."""
-    half = x.shape[-1] // 2
-    theta = torch.tensor([10000.0 ** (-2 * i / x.shape[-1]) for i in range(half)], dtype=torch.float64)
-    angle = positions.double()[:, None] * theta[None, :]
-    angle = torch.cat([angle, angle], dim=-1)
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * torch.cos(angle) + rotated * torch.sin(angle)
-
-
-def pattern_mask(t, dilation, window, sinks):
-    q, k = torch.arange(t)[:, None], torch.arange(t)[None, :]
-    visible = (q - k <= window) | (k < sinks)
-    if dilation != -1:
-        visible |= (k + 1) % dilation == 0
-    return (k <= q) & visible
-
-
-def oracle_logits(model: RatPlusForCausalLM, input_ids: torch.Tensor, patterns) -> torch.Tensor:
-    """Logits (B, T, V) in fp64 from the model's weights; ``patterns`` is each layer's (D, W, P)."""
-    cfg = model.config
-    w = {k: v.double() for k, v in model.state_dict().items()}
-    d, heads, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
-    batch, t = input_ids.shape
-    x = w["model.embed_tokens.weight"][input_ids]
-    split = lambda z: z.reshape(batch, t, heads, hd).transpose(1, 2)  # noqa: E731  (B, T, d) -> (B, H, T, K)
-    for i, (dilation, window, sinks) in enumerate(patterns):
-        p = f"model.layers.{i}."
-        z = rms_norm(x, w[p + "input_norm.weight"], cfg.rms_norm_eps) @ w[p + "mixer.in_proj.weight"].T
-        o, q, k, v = (split(z[..., j * d:(j + 1) * d]) for j in range(4))
-        if cfg.apply_recurrence:
-            f = torch.sigmoid(split(z[..., 4 * d:5 * d]))
-            hk, hv, ks, vs = torch.zeros_like(k[:, :, 0]), torch.zeros_like(v[:, :, 0]), [], []
-            for s in range(t):
-                hk = f[:, :, s] * hk + (1 - f[:, :, s]) * k[:, :, s]
-                hv = f[:, :, s] * hv + (1 - f[:, :, s]) * v[:, :, s]
-                ks.append(hk)
-                vs.append(hv)
-            k, v = torch.stack(ks, dim=2), torch.stack(vs, dim=2)
-        positions = torch.arange(t)
-        q, k = rope(q, positions), rope(k, positions)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
-        scores = scores.masked_fill(~pattern_mask(t, dilation, window, sinks), float("-inf"))
-        a = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(batch, t, d)
-        x = x + (a * torch.sigmoid(o.transpose(1, 2).reshape(batch, t, d))) @ w[p + "mixer.out_proj.weight"].T
-        u = rms_norm(x, w[p + "ffn_norm.weight"], cfg.rms_norm_eps) @ w[p + "ffn.fc1.weight"].T
-        x = x + (0.5 * u * (1 + torch.erf(u / math.sqrt(2)))) @ w[p + "ffn.fc2.weight"].T
-    return rms_norm(x, w["model.norm.weight"], cfg.rms_norm_eps) @ w["model.embed_tokens.weight"].T
-
 
 # ------------------------------------------------------------------------------------------------------------
 # Model configurations under test
@@ -108,22 +48,22 @@ FORWARD_CASES = [(c, "sparse") for c in CONFIGS] + [("D4-W3-P2", "dense"), ("hyb
 
 
 @pytest.mark.parametrize("config,mode", FORWARD_CASES, ids=[f"{c}-{m}" for c, m in FORWARD_CASES])
-def test_forward_matches_handwritten_oracle(assert_close, models, config, mode):
+def test_forward_matches_handwritten_oracle(assert_close, oracle, models, config, mode):
     model = models[config]
     ids = ids_for(model)
     with torch.no_grad():
         logits = model(ids, attention_mode=mode).logits
     assert logits.dtype == torch.float32
-    assert_close("logits", logits, oracle_logits(model, ids, patterns_of(model, mode)), FP32_VALUES)
+    assert_close("logits", logits, oracle.logits(model, ids, patterns_of(model, mode)), FP32_VALUES)
 
 
-def test_sparse_pattern_changes_the_logits(models):
+def test_sparse_pattern_changes_the_logits(oracle, models):
     """Guards the oracle comparison above: a sparse config's logits differ from the dense oracle's."""
     model = models["D4-W3-P2"]
     ids = ids_for(model)
     with torch.no_grad():
         logits = model(ids).logits.double()
-    dense = oracle_logits(model, ids, patterns_of(model, "dense"))
+    dense = oracle.logits(model, ids, patterns_of(model, "dense"))
     assert (logits - dense).abs().max() > 1e-3
 
 
@@ -133,12 +73,13 @@ DECODE_CASES = [(c, "sparse", n) for c in CONFIGS for n in (1, 4, 17)] + [
 
 @pytest.mark.parametrize("config,mode,prefill", DECODE_CASES,
                          ids=[f"{c}-{m}-prefill{n}" for c, m, n in DECODE_CASES])
-def test_prefill_then_decode_matches_oracle_at_every_position(assert_close, models, config, mode, prefill):
+def test_prefill_then_decode_matches_oracle_at_every_position(assert_close, oracle, models, config, mode,
+                                                              prefill):
     """Prefill ``prefill`` tokens (4 < P + W for the windowed configs, 17 beyond it), then decode one token at a
     time and finally three at once; every position's logits equal the full-sequence oracle's."""
     model = models[config]
     ids = ids_for(model, seed=prefill)
-    ref = oracle_logits(model, ids, patterns_of(model, mode))
+    ref = oracle.logits(model, ids, patterns_of(model, mode))
     with torch.no_grad():
         out = model(ids[:, :prefill], use_cache=True, max_cache_len=SEQ, attention_mode=mode)
         cache = out.past_key_values
