@@ -12,7 +12,6 @@ serves every pattern; the model then runs exactly as a folder exported with that
 from __future__ import annotations
 
 import contextlib
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -124,32 +123,12 @@ def open_model(path: str | Path, *, tokenizer: str | Path | None = None) -> Iter
     the folder's or the run's own."""
     from transformers.utils import logging as hf_logging
 
-    from ..inference.generate import load_model
+    from ..inference.generate import hf_folder, load_model
 
     hf_logging.disable_progress_bar()  # "Loading checkpoint shards" for every pattern and folder
-    path = Path(path)
-    if tokenizer is not None and not Path(tokenizer).is_file():
-        raise RatplusError(f"--tokenizer {tokenizer}: no such file")
-    if (path / "config.json").is_file():
-        model, tok = load_model(path, tokenizer=tokenizer)
-        yield _loaded(model, tok, path)
-        return
-    from ..checkpoint import resolve_checkpoint, run_config
-    from ..export.to_hf import export_hf
-
-    try:
-        checkpoint = resolve_checkpoint(path, key="--model")
-    except ValueError:
-        raise RatplusError(f"--model {path}: neither an HF folder (config.json) nor a training run or "
-                           "checkpoint") from None
-    tokenizer = tokenizer or run_config(checkpoint).data.tokenizer
-    if not tokenizer or not Path(tokenizer).is_file():
-        raise RatplusError(f"--model {path}: the run's tokenizer ({tokenizer or 'none named'}) is not there; pass "
-                           "--tokenizer PATH.model")
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = export_hf(checkpoint, Path(tmp) / "hf", dtype=torch.float32, tokenizer=tokenizer)
-        model, tok = load_model(folder)
-        yield _loaded(model, tok, path)
+    with hf_folder(path, tokenizer=tokenizer) as folder:
+        model, tok = load_model(folder, tokenizer=tokenizer)
+        yield _loaded(model, tok, Path(path))
 
 
 def _loaded(model, tok, folder: Path) -> LoadedModel:

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -35,32 +37,12 @@ def generate_text(model_dir: str | Path, prompt: str, *, max_new_tokens: int = 6
     and is needed where they have none. Loads offline and never asks a question: the folder's model code runs
     (trust_remote_code, as for every folder this package writes), a tokenizer is never loaded as code.
     Raises RatplusError (one line) for a folder without weights or tokenizer, or with damaged weights."""
-    from ..errors import RatplusError
+    with hf_folder(model_dir, tokenizer=tokenizer) as folder:
+        model, tokenizer = load_model(folder, pattern=pattern, tokenizer=tokenizer)
+        return _generate(model, tokenizer, prompt, max_new_tokens, dense)
 
-    model_dir = Path(model_dir)
-    if tokenizer is not None and not Path(tokenizer).is_file():
-        raise RatplusError(f"--tokenizer {tokenizer}: no such file")
-    if not (model_dir / "config.json").is_file():
-        from ..checkpoint import resolve_checkpoint, run_config
-        from ..export.to_hf import export_hf
 
-        try:
-            checkpoint = resolve_checkpoint(model_dir, key="--model")
-        except ValueError:
-            raise ValueError(f"--model {model_dir}: neither an HF folder (config.json) nor a training run or "
-                             "checkpoint") from None
-        tokenizer = tokenizer or run_config(checkpoint).data.tokenizer
-        if not tokenizer:
-            raise RatplusError(f"--model {model_dir}: the run's config names no tokenizer (data.tokenizer); pass "
-                               "--tokenizer PATH.model")
-        if not Path(tokenizer).is_file():
-            raise RatplusError(f"--model {model_dir}: the run's tokenizer {tokenizer} is not there; pass "
-                               "--tokenizer PATH.model")
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = export_hf(checkpoint, Path(tmp) / "hf", dtype=torch.float32, tokenizer=tokenizer)
-            return generate_text(folder, prompt, max_new_tokens=max_new_tokens, pattern=pattern, dense=dense)
-    _check_weights(model_dir)
-    model, tokenizer = _load(model_dir, pattern, tokenizer)
+def _generate(model, tokenizer, prompt: str, max_new_tokens: int, dense: bool) -> Generation:
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
     if ids.shape[1] == 0:
         raise ValueError("--prompt: the prompt encodes to no tokens")
@@ -76,6 +58,38 @@ def generate_text(model_dir: str | Path, prompt: str, *, max_new_tokens: int = 6
     return Generation(text=tokenizer.decode(new, skip_special_tokens=True), prompt_tokens=ids.shape[1],
                       new_tokens=len(new), tokens_per_second=len(new) / max(seconds, 1e-9),
                       cache_bytes=out.past_key_values.nbytes(), pattern=pattern_name(layers))
+
+
+@contextlib.contextmanager
+def hf_folder(path: str | Path, *, tokenizer: str | Path | None = None) -> Iterator[Path]:
+    """``path`` itself when it is an HF folder (config.json), else the newest committed checkpoint of the
+    training run or checkpoint ``path`` exported (fp32, with ``tokenizer`` or the run's own) to a temporary
+    folder that lives as long as the context. Bad input is one RatplusError line naming the option."""
+    from ..errors import RatplusError
+
+    path = Path(path)
+    if tokenizer is not None and not Path(tokenizer).is_file():
+        raise RatplusError(f"--tokenizer {tokenizer}: no such file")
+    if (path / "config.json").is_file():
+        yield path
+        return
+    from ..checkpoint import resolve_checkpoint, run_config
+    from ..export.to_hf import export_hf
+
+    try:
+        checkpoint = resolve_checkpoint(path, key="--model")
+    except ValueError:
+        raise RatplusError(f"--model {path}: neither an HF folder (config.json) nor a training run or "
+                           "checkpoint") from None
+    tokenizer = tokenizer or run_config(checkpoint).data.tokenizer
+    if not tokenizer:
+        raise RatplusError(f"--model {path}: the run's config names no tokenizer (data.tokenizer); pass "
+                           "--tokenizer PATH.model")
+    if not Path(tokenizer).is_file():
+        raise RatplusError(f"--model {path}: the run's tokenizer {tokenizer} is not there; pass "
+                           "--tokenizer PATH.model")
+    with tempfile.TemporaryDirectory() as tmp:
+        yield export_hf(checkpoint, Path(tmp) / "hf", dtype=torch.float32, tokenizer=tokenizer)
 
 
 def load_model(folder: str | Path, *, pattern: tuple | None = None, tokenizer: str | Path | None = None):
