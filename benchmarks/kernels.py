@@ -207,6 +207,13 @@ def flex_merge_fn(time: int, pattern):
     return run
 
 
+def attention_inputs(batch: int, time: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """[q, k, v] (B, H, T, K) bf16 leaves that require grad, and an output gradient of the same shape."""
+    shape = (batch, HEADS, time, HEAD_DIM)
+    leaves = [torch.randn(shape, device=DEVICE, dtype=torch.bfloat16).requires_grad_() for _ in range(3)]
+    return leaves, torch.randn(shape, device=DEVICE, dtype=torch.bfloat16)
+
+
 def sdpa_ms(leaves, do):
     """Dense causal SDPA, forward + backward: the attention baseline."""
     import torch.nn.functional as F
@@ -219,16 +226,13 @@ def attention_rows(shapes, copy_bw, table) -> None:
     from ratplus_mega.kernels import sparse_attention
 
     for batch, time in shapes:
-        shape = (batch, HEADS, time, HEAD_DIM)
-        q, k, v = (torch.randn(shape, device=DEVICE, dtype=torch.bfloat16).requires_grad_() for _ in range(3))
-        do = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16)
-        leaves = [q, k, v]
+        leaves, do = attention_inputs(batch, time)
         sdpa = sdpa_ms(leaves, do)
         dense_pairs = allowed_pairs(time, 1, 0, 0)
         dense_flops = 3.5 * 4 * HEAD_DIM * batch * HEADS * dense_pairs
         table.add([f"attn B{batch}-T{time} dense", "SDPA causal", _fmt(sdpa), "1.00", "",
                    _fmt_tflops(dense_flops, sdpa), ""])
-        nbytes = 12 * q.numel() * q.element_size()  # q, k, v, out and their gradients, each once
+        nbytes = 12 * do.numel() * do.element_size()  # q, k, v, out and their gradients, each once
         for pattern in PATTERNS:
             pairs = allowed_pairs(time, *pattern)
             flops = 3.5 * 4 * HEAD_DIM * batch * HEADS * pairs
@@ -243,7 +247,7 @@ def attention_rows(shapes, copy_bw, table) -> None:
                                                                  copy_bw)])
             table.add([case, "flex two-call merge", _fmt(flex), _ratio(flex, sdpa), "1.00",
                        _fmt_tflops(flops, flex), ""])
-        del q, k, v, do, leaves
+        del do, leaves
         torch.cuda.empty_cache()
 
 
@@ -253,10 +257,7 @@ def topk_rows(shapes, table) -> None:
 
     fused_kernels = (kernels.sparse_attention, kernels.block_attention)
     for batch, time in shapes:
-        shape = (batch, HEADS, time, HEAD_DIM)
-        q, k, v = (torch.randn(shape, device=DEVICE, dtype=torch.bfloat16).requires_grad_() for _ in range(3))
-        do = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16)
-        leaves = [q, k, v]
+        leaves, do = attention_inputs(batch, time)
         sdpa = sdpa_ms(leaves, do)
         for pattern in TOPK_PATTERNS:
             d, w, p, blocks, size, _ = pattern
@@ -267,7 +268,7 @@ def topk_rows(shapes, table) -> None:
             table.add([case, "triton top-k (two kernels, LSE merge)", _fmt(fused), _ratio(fused, sdpa),
                        _ratio(fused, masked), "", ""])
             table.add([case, "torch masked top-k (reference)", _fmt(masked), _ratio(masked, sdpa), "1.00", "", ""])
-        del q, k, v, do, leaves
+        del do, leaves
         torch.cuda.empty_cache()
 
 
