@@ -305,7 +305,7 @@ def select_block_ids(q: torch.Tensor, summaries: torch.Tensor, q_positions: torc
     k_blocks, block_size, _ = topk_of(pattern)
     nb = summaries.shape[-2]
     own = (q_positions // block_size).expand(*q.shape[:2], -1)  # (B, H, n)
-    ids = [torch.zeros_like(own), own]
+    ids = [torch.zeros_like(own)[..., None], own[..., None]]
     picks = min(k_blocks - 2, max(nb - 1, 0))
     if picks > 0:
         block = torch.arange(nb, device=q.device)
@@ -315,7 +315,7 @@ def select_block_ids(q: torch.Tensor, summaries: torch.Tensor, q_positions: torc
         # Stable order: highest score first, the lower block on ties (sort is stable; topk need not be).
         top = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :picks]
         ids.append(torch.where(torch.gather(candidate, -1, top), top, own[..., None]))
-    ids = torch.cat([ids[0][..., None], ids[1][..., None], *ids[2:]], dim=-1)
+    ids = torch.cat(ids, dim=-1)
     if ids.shape[-1] < k_blocks:
         ids = torch.cat([ids, own[..., None].expand(*own.shape, k_blocks - ids.shape[-1])], dim=-1)
     return ids
