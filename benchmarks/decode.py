@@ -247,6 +247,5 @@ def main(argv=None) -> list[Row]:
 CODE_RUN = ["benchmarks/decode.py", "ratplus_mega/hf", "ratplus_mega/config", "ratplus_mega/reference_layout.py"]
 
 
-
 if __name__ == "__main__":
     main()

@@ -46,7 +46,6 @@ PATTERNS = [(d, w, 4) for d in (1, 16, 64) for w in (0, 256)]
 TOPK_PATTERNS = [(-1, 0, 4, 16, 64, "max"), (64, 0, 4, 8, 64, "max")]
 
 
-
 def compiled(fn):
     """The baselines run through torch.compile, as the public code runs them."""
     return torch.compile(fn)

@@ -114,6 +114,5 @@ def main() -> None:
     sys.exit(1 if failed else 0)
 
 
-
 if __name__ == "__main__":
     main()

@@ -93,6 +93,5 @@ def _time_steps(step, n: int, gpu: bool) -> float:
     return (time.perf_counter() - start) / n
 
 
-
 if __name__ == "__main__":
     main()

@@ -37,4 +37,3 @@ def output_gate(a: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
 def compiled(fn):
     """``fn`` compiled once per process (shapes specialise inside torch.compile's own cache)."""
     return torch.compile(fn)
-

@@ -98,4 +98,3 @@ def _local_position(readers_group) -> tuple[int, int]:
         raise ValueError("pipeline-parallel data readers of one host must have consecutive data-parallel ranks "
                          "(megatron's rank order places them so; check the launcher's rank assignment)")
     return same.index(mine), len(same)
-

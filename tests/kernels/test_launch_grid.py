@@ -76,7 +76,6 @@ def test_launch_grids_fit_cuda_limits_past_65535_batch_heads(kernels, monkeypatc
         assert math.prod(grid) >= B * H, f"{name}: grid {grid} has fewer programs than batch·heads"
 
 
-
 def test_attention_rejects_more_sequences_than_a_grid_axis_holds(kernels):
     x = expanded((65536, 1, 4, 16), torch.float32)
     with pytest.raises(ValueError, match="sparse_attention: at most 65535 sequences"):
